@@ -5,4 +5,23 @@ Trajectories of Deep Neural Networks" (ICLR 2020). ``import sgdbreak`` pulls in 
 numpy and scipy only; integrations (Accelerate, W&B, matplotlib) load lazily.
 """
 
+from .hessian import HessianEigenResult, HessianOperator, HessianTraceResult, hessian_eigenvalues, hessian_trace
+from .linalg import EigenResult, TraceResult, as_linear_operator, hutchinson_trace, lanczos, power_iteration
+from .probe import Probe
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "EigenResult",
+    "HessianEigenResult",
+    "HessianOperator",
+    "HessianTraceResult",
+    "Probe",
+    "TraceResult",
+    "as_linear_operator",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "hutchinson_trace",
+    "lanczos",
+    "power_iteration",
+]

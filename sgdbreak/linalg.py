@@ -1,0 +1,428 @@
+"""Matrix-free symmetric eigensolvers and trace estimators on a matvec.
+
+Everything here is model-agnostic: an operator is a callable that maps a 1-D tensor of
+length ``dim`` to another (for sgdbreak, a Hessian-vector product). Small dense problems
+(projected matrices, Gram matrices) are solved in float64.
+
+The default eigensolver is a Lanczos-type Rayleigh-Ritz iteration with full
+reorthogonalisation that can start from a *block* of previous eigenvectors: the top
+eigenvectors of a training loss move slowly, so a warm start needs a few products
+instead of the tens a cold start needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Matvec = Callable[[Tensor], Tensor]
+
+_WHICH = ("LA", "LM", "SA")
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Eigenpairs of a symmetric operator.
+
+    Attributes:
+        eigenvalues: float64 tensor (k,), ordered by ``which`` (descending for "LA").
+        eigenvectors: (k, dim) tensor, unit rows, in the operator's dtype.
+        residuals: float64 tensor (k,), ‖A v − θ v‖ for each pair.
+        num_matvecs: operator applications spent.
+        converged: whether every requested pair met the tolerance.
+        error_bounds: float64 tensor (k,), estimated |θ − λ| (residual, sharpened by
+            the spectral gap where the Ritz values give one).
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    num_matvecs: int
+    converged: bool
+    error_bounds: Tensor
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """A stochastic trace estimate with its standard error."""
+
+    value: float
+    stderr: float
+    num_matvecs: int
+    samples: Tensor
+
+
+def _check_dim_k(dim: int, k: int) -> None:
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if k > dim:
+        raise ValueError(f"k={k} is larger than the operator dimension {dim}")
+
+
+def _check_common(which: str, tol: float, max_matvecs: int) -> None:
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if not isinstance(max_matvecs, int) or max_matvecs < 1:
+        raise ValueError(f"max_matvecs must be an int >= 1, got {max_matvecs!r}")
+
+
+def _order(theta: Tensor, which: str) -> Tensor:
+    """Indices of Ritz values, most wanted first."""
+    if which == "LA":
+        return torch.argsort(theta, descending=True)
+    if which == "SA":
+        return torch.argsort(theta)
+    return torch.argsort(theta.abs(), descending=True)
+
+
+def _random_vector(dim: int, dtype, device, generator) -> Tensor:
+    return torch.randn(dim, dtype=dtype, device="cpu", generator=generator).to(device)
+
+
+def _orthogonalize(w: Tensor, basis: list[Tensor]) -> Tensor:
+    """Classical Gram-Schmidt against ``basis``, applied twice (DGKS) for stability."""
+    if not basis:
+        return w
+    V = torch.stack(basis)
+    for _ in range(2):
+        w = w - V.T @ (V @ w)
+    return w
+
+
+def _as_start_block(init, dim: int, dtype, device) -> list[Tensor]:
+    if init is None:
+        return []
+    if isinstance(init, EigenResult):
+        init = init.eigenvectors
+    if isinstance(init, Tensor):
+        block = init.reshape(1, -1) if init.dim() == 1 else init
+    elif isinstance(init, Sequence):
+        block = torch.stack([torch.as_tensor(v).reshape(-1) for v in init])
+    else:
+        raise TypeError(f"init must be a tensor, a sequence of tensors or an EigenResult, got {type(init).__name__}")
+    if block.dim() != 2 or block.shape[1] != dim:
+        raise ValueError(f"init vectors must have length {dim}, got shape {tuple(block.shape)}")
+    if not torch.isfinite(block).all():
+        raise ValueError("init vectors contain non-finite values")
+    return [row.to(dtype=dtype, device=device) for row in block]
+
+
+def lanczos(
+    matvec: Matvec,
+    dim: int,
+    k: int = 1,
+    *,
+    which: str = "LA",
+    tol: float = 1e-3,
+    max_matvecs: int = 100,
+    init=None,
+    max_basis: int | None = None,
+    block_size: int | None = None,
+    convergence: str = "eigenvalue",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> EigenResult:
+    """Top-k eigenpairs of a symmetric operator by Lanczos with Rayleigh-Ritz.
+
+    Builds an orthonormal basis (full reorthogonalisation) and, after every product,
+    solves the projected problem in float64. Started from one vector this is exactly
+    Lanczos; started from a block (``init``: previous eigenvectors) the first products
+    are spent on the block and the basis then grows with the residual of the first
+    unconverged Ritz vector (Krylov directions), so a slowly moving eigenvector costs
+    one or two extra products. When the basis reaches ``max_basis`` it is thick-restarted
+    from the best Ritz vectors, which bounds memory to ``2 * max_basis`` vectors.
+
+    Args:
+        matvec: v ↦ A v for a symmetric A, on 1-D tensors of length ``dim``.
+        dim: operator dimension.
+        k: number of eigenpairs.
+        which: "LA" largest algebraic (default: the top Hessian eigenvalue even when a
+            larger negative one exists), "LM" largest magnitude, "SA" smallest algebraic.
+        tol: relative accuracy target, compared with ``error_bound / max|θ|``.
+        max_matvecs: budget of products; the best estimate so far is returned with
+            ``converged=False`` when it runs out.
+        init: warm start: an :class:`EigenResult`, a (m, dim) tensor or a sequence of
+            vectors. Without it, a random start from ``generator``.
+        max_basis: basis size before a thick restart (default ``max(20, 2k + 10)``).
+        block_size: minimum size of the start block, padded with random vectors
+            (default k). Exactly repeated eigenvalues are found up to this multiplicity.
+        convergence: "eigenvalue" stops when min(‖r‖, ‖r‖²/gap) is small (the error of
+            the eigenvalue, gap from the other Ritz values); "residual" when ‖r‖ is
+            small (a rigorous bound, also on the eigenvector; costs more products).
+        dtype, device: of the vectors passed to ``matvec``.
+        generator: seeds the random start and restarts on invariant subspaces.
+
+    Returns:
+        An :class:`EigenResult`.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([3.0, 1.0, -5.0]))
+        >>> lanczos(lambda v: A @ v, 3, tol=1e-8).eigenvalues
+        tensor([3.], dtype=torch.float64)
+    """
+    _check_dim_k(dim, k)
+    _check_common(which, tol, max_matvecs)
+    if convergence not in ("eigenvalue", "residual"):
+        raise ValueError(f"convergence must be 'eigenvalue' or 'residual', got {convergence!r}")
+    max_basis = max(20, 2 * k + 10) if max_basis is None else max_basis
+    if max_basis < k + 2 and max_basis < dim:
+        raise ValueError(f"max_basis={max_basis} must be at least k + 2 = {k + 2}")
+    max_basis = min(max_basis, dim)
+
+    V: list[Tensor] = []  # orthonormal basis
+    AV: list[Tensor] = []  # images of the basis
+    T = torch.zeros(0, 0, dtype=torch.float64)  # projected matrix V^T A V
+    pending: list[Tensor] = []  # vectors waiting to be multiplied
+    for v in _as_start_block(init, dim, dtype, device):
+        v = _orthogonalize(v, pending)
+        n = v.norm()
+        if n > 1e-6 * max(1.0, v.abs().max().item()):
+            pending.append(v / n)
+    # Pad the start block with random vectors up to ``block_size`` (default k): a single
+    # Krylov sequence cannot see the second copy of a repeated eigenvalue, a block can.
+    block_size = k if block_size is None else block_size
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    while len(pending) < min(block_size, dim):
+        v = _orthogonalize(_random_vector(dim, dtype, device, generator), pending)
+        pending.append(v / v.norm())
+    pending = pending[: max_basis - 1] if len(pending) >= max_basis else pending
+
+    num = 0
+    best = None
+    while True:
+        # Multiply the next pending vector and extend the projected matrix.
+        v = pending.pop(0)
+        w = matvec(v)
+        num += 1
+        if w.shape != v.shape:
+            raise ValueError(f"matvec returned shape {tuple(w.shape)}, expected {tuple(v.shape)}")
+        if not torch.isfinite(w).all():
+            raise ValueError("matvec returned non-finite values")
+        V.append(v)
+        AV.append(w)
+        m = len(V)
+        Vt = torch.stack(V)
+        new_col = (Vt @ w).double().cpu()
+        T_new = torch.zeros(m, m, dtype=torch.float64)
+        T_new[: m - 1, : m - 1] = T
+        T_new[:, m - 1] = new_col
+        T_new[m - 1, :] = new_col
+        T = T_new
+        if pending:
+            continue  # finish the start block before Rayleigh-Ritz
+
+        # Rayleigh-Ritz on span(V).
+        theta, Y = torch.linalg.eigh(0.5 * (T + T.T))
+        order = _order(theta, which)
+        theta, Y = theta[order], Y[:, order]
+        kk = min(k, m)
+        Yk = Y[:, :kk].to(dtype=dtype, device=v.device)
+        AVt = torch.stack(AV)
+        ritz = Yk.T @ Vt
+        resid_vecs = Yk.T @ AVt - theta[:kk].to(dtype=dtype, device=v.device)[:, None] * ritz
+        res = resid_vecs.double().norm(dim=1).cpu()
+        bounds = _error_bounds(theta, res, kk, which, convergence)
+        scale = max(theta.abs().max().item(), torch.finfo(dtype).tiny)
+        done = m >= k and bool((bounds <= tol * scale).all())
+        best = (theta[:kk].clone(), ritz, res, bounds)
+        if done or m == dim or num >= max_matvecs:
+            converged = done or (m == dim and m >= k)
+            break
+
+        # Expand with the residual of the first unconverged wanted Ritz vector.
+        unconverged = (bounds > tol * scale).nonzero().flatten()
+        j = int(unconverged[0]) if len(unconverged) else 0
+        if m >= max_basis:
+            V, AV, T = _thick_restart(V, AV, Y, theta, keep=max(k + 1, max_basis // 2), dtype=dtype)
+        r = _orthogonalize(resid_vecs[j], V)
+        if r.norm() <= 1e-10 * max(scale, 1.0) or not torch.isfinite(r).all():
+            # Invariant subspace: continue from a fresh random direction.
+            r = _orthogonalize(_random_vector(dim, dtype, v.device, generator), V)
+        r = _orthogonalize(r, V)
+        pending.append(r / r.norm())
+
+    theta, ritz, res, bounds = best
+    if len(theta) < k:  # dim == m < k cannot happen (k <= dim); guard anyway
+        raise RuntimeError("Lanczos ended with fewer Ritz pairs than requested")
+    return EigenResult(theta, ritz, res, num, converged, bounds)
+
+
+def _error_bounds(theta: Tensor, res: Tensor, kk: int, which: str, convergence: str) -> Tensor:
+    """Estimated eigenvalue errors: ‖r‖, or ‖r‖²/gap when that is smaller."""
+    if convergence == "residual" or len(theta) < 2:
+        return res.clone()
+    bounds = res.clone()
+    for i in range(kk):
+        others = torch.cat([theta[:i], theta[i + 1 :]])
+        gap = (others - theta[i]).abs().min().item()
+        if gap > 0:
+            bounds[i] = min(res[i].item(), res[i].item() ** 2 / gap)
+    return bounds
+
+
+def _thick_restart(V, AV, Y, theta, *, keep: int, dtype):
+    """Keep the ``keep`` best Ritz vectors (and their images) as the new basis."""
+    Yk = Y[:, :keep].to(dtype=dtype, device=V[0].device)
+    Vt, AVt = torch.stack(V), torch.stack(AV)
+    newV = Yk.T @ Vt
+    newAV = Yk.T @ AVt
+    T = torch.diag(theta[:keep])
+    return list(newV), list(newAV), T
+
+
+def power_iteration(
+    matvec: Matvec,
+    dim: int,
+    k: int = 1,
+    *,
+    which: str = "LA",
+    tol: float = 1e-3,
+    max_matvecs: int = 100,
+    init=None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> EigenResult:
+    """Top-k eigenpairs by power iteration with Hotelling deflation (a simple baseline).
+
+    Plain power iteration converges to the eigenvalue of largest *magnitude*. For
+    ``which="LA"`` (default) a negative dominant eigenvalue μ is detected and the
+    iteration is repeated on A − μI, whose dominant eigenvalue is λ_max − μ. Converges
+    slowly when eigenvalues cluster; prefer :func:`lanczos`.
+
+    Args: as :func:`lanczos` (``max_matvecs`` is the total budget over all pairs);
+        convergence is by residual ‖A v − θ v‖ ≤ tol·|θ|.
+    """
+    _check_dim_k(dim, k)
+    _check_common(which, tol, max_matvecs)
+    if which == "SA":
+        res = power_iteration(
+            lambda v: -matvec(v), dim, k, which="LA", tol=tol, max_matvecs=max_matvecs,
+            init=init, dtype=dtype, device=device, generator=generator,
+        )
+        return EigenResult(-res.eigenvalues, res.eigenvectors, res.residuals, res.num_matvecs,
+                           res.converged, res.error_bounds)
+    starts = _as_start_block(init, dim, dtype, device)
+    found_vals: list[float] = []
+    found_vecs: list[Tensor] = []
+    residuals: list[float] = []
+    used = 0
+    all_converged = True
+
+    def deflated(v: Tensor, shift: float) -> Tensor:
+        w = matvec(v) - shift * v
+        for lam, u in zip(found_vals, found_vecs):
+            w = w - (lam - shift) * (u @ v) * u
+        return w
+
+    for i in range(k):
+        start = starts[i] if i < len(starts) else _random_vector(dim, dtype, device, generator)
+        budget = max(1, (max_matvecs - used) // (k - i))
+        val, vec, r, n, ok = _power_single(deflated, start, 0.0, tol, budget)
+        used += n
+        if which == "LA" and val < 0 and used < max_matvecs:
+            # Dominant eigenvalue is negative: shift so the algebraic top dominates.
+            budget = max(1, (max_matvecs - used) // (k - i))
+            val2, vec2, r2, n2, ok2 = _power_single(deflated, vec if vec.norm() > 0 else start, val, tol, budget)
+            used += n2
+            val, vec, r, ok = val2 + val, vec2, r2, ok2
+        found_vals.append(val)
+        found_vecs.append(vec)
+        residuals.append(r)
+        all_converged &= ok
+    vals = torch.tensor(found_vals, dtype=torch.float64)
+    order = _order(vals, which)
+    vecs = torch.stack(found_vecs)[order.to(found_vecs[0].device)]
+    res_t = torch.tensor(residuals, dtype=torch.float64)[order]
+    return EigenResult(vals[order], vecs, res_t, used, all_converged, res_t.clone())
+
+
+def _power_single(op, start: Tensor, shift: float, tol: float, budget: int):
+    v = start / start.norm()
+    val, r, n = 0.0, float("inf"), 0
+    while n < budget:
+        w = op(v, shift)
+        n += 1
+        if not torch.isfinite(w).all():
+            raise ValueError("matvec returned non-finite values")
+        val = float((v.double() @ w.double()).item())
+        r = float((w - val * v).double().norm().item())
+        if r <= tol * max(abs(val), 1e-30):
+            return val, v, r, n, True
+        nw = w.norm()
+        if nw == 0:
+            return val, v, r, n, True
+        v = w / nw
+    return val, v, r, n, False
+
+
+def hutchinson_trace(
+    matvec: Matvec,
+    dim: int,
+    *,
+    num_samples: int = 20,
+    method: str = "hutchinson",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> TraceResult:
+    """Stochastic trace estimate with Rademacher probes.
+
+    ``method="hutchinson"``: mean of zᵀAz over ``num_samples`` probes, unbiased, with
+    standard error std/√m. ``method="hutch++"`` (Meyer et al. 2021): a third of the
+    products sketch the dominant subspace Q (trace taken exactly there), the rest run
+    Hutchinson on the deflated operator (I−QQᵀ)A(I−QQᵀ); unbiased too, and far more
+    accurate when a few eigenvalues dominate (typical of Hessians). Its ``stderr``
+    covers the stochastic (deflated) part only, which is the whole error.
+    """
+    if not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+
+    def rademacher(n: int) -> Tensor:
+        bits = torch.randint(0, 2, (n, dim), generator=generator, dtype=torch.int64)
+        return (2 * bits - 1).to(dtype=dtype, device=device)
+
+    if method == "hutchinson":
+        Z = rademacher(num_samples)
+        vals = torch.stack([(z.double() @ matvec(z).double()) for z in Z]).cpu()
+        return TraceResult(float(vals.mean()), float(vals.std() / math.sqrt(len(vals))), num_samples, vals)
+    if method != "hutch++":
+        raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}")
+    if num_samples < 6:
+        raise ValueError(f"hutch++ needs num_samples >= 6, got {num_samples}")
+    s = min(num_samples // 3, dim)
+    g = num_samples - 2 * s
+    S = rademacher(s)
+    AS = torch.stack([matvec(z) for z in S])
+    Q, _ = torch.linalg.qr(AS.double().T)  # (dim, s)
+    Q = Q.to(dtype)
+    AQ = torch.stack([matvec(q) for q in Q.T])
+    top = float(torch.einsum("ij,ij->", Q.T.double(), AQ.double()))
+    G = rademacher(g)
+    G = G - (G @ Q) @ Q.T
+    vals = torch.stack([(z.double() @ matvec(z).double()) for z in G]).cpu()
+    return TraceResult(top + float(vals.mean()), float(vals.std() / math.sqrt(len(vals))), 2 * s + g, vals + top)
+
+
+def as_linear_operator(matvec: Matvec, dim: int, *, dtype: torch.dtype = torch.float64, device="cpu"):
+    """Wrap a torch matvec as a ``scipy.sparse.linalg.LinearOperator`` (for ``eigsh``)."""
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator
+
+    def mv(x):
+        x = torch.as_tensor(np.asarray(x).reshape(-1), dtype=dtype, device=device)
+        return matvec(x).detach().double().cpu().numpy()
+
+    return LinearOperator((dim, dim), matvec=mv, rmatvec=mv, dtype=np.float64)

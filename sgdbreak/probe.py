@@ -1,0 +1,319 @@
+"""The probe: the fixed set of examples on which curvature and noise are measured.
+
+The paper measures on a random 5 % of the training set. A :class:`Probe` holds those
+examples, builds loss closures for the estimators (the mean loss over all probe
+examples, in chunks), draws gradient samples for the noise spectrum, and guarantees that
+measuring leaves the model as it found it: module ``training`` flags and buffers
+(BatchNorm running statistics) are restored after every measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .hessian import (
+    HessianEigenResult,
+    HessianOperator,
+    HessianTraceResult,
+    check_params,
+    eigenvalues_of_operator,
+    evaluate_loss,
+    flatten,
+    unflatten,
+)
+from .linalg import hutchinson_trace
+
+_BATCHNORM_MODES = ("train", "eval")
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def _collect(data) -> tuple[Tensor, Tensor]:
+    """Concatenate a batch ``(x, y)`` or an iterable of batches into two tensors."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        batches = [tuple(data)]
+    else:
+        try:
+            batches = [tuple(b) for b in data]
+        except TypeError:
+            raise TypeError(
+                "data must be a batch (inputs, targets), or a list / loader of such batches, "
+                f"got {type(data).__name__}"
+            ) from None
+    if not batches:
+        raise ValueError("data holds no batches")
+    for i, b in enumerate(batches):
+        if len(b) != 2 or not all(isinstance(t, Tensor) for t in b):
+            raise TypeError(f"batch {i} must be a pair of tensors (inputs, targets)")
+        if len(b[0]) != len(b[1]):
+            raise ValueError(f"batch {i}: {len(b[0])} inputs but {len(b[1])} targets")
+    inputs = torch.cat([b[0] for b in batches])
+    targets = torch.cat([b[1] for b in batches])
+    if len(inputs) == 0:
+        raise ValueError("data holds no examples")
+    return inputs, targets
+
+
+class Probe:
+    """A fixed measurement set and the loss closures built on it.
+
+    Args:
+        model: the network being trained.
+        criterion: a loss with mean reduction, ``criterion(outputs, targets) -> scalar``
+            (e.g. ``nn.CrossEntropyLoss()``).
+        data: one batch ``(inputs, targets)`` or a list / DataLoader of batches; it is
+            materialised once (the probe is fixed).
+        chunk_size: examples per forward pass. The probe loss is the mean over all
+            examples, evaluated chunk by chunk. In BatchNorm train mode each chunk
+            normalises with its own batch statistics: set it to the training batch size
+            to measure what SGD sees. Default: the whole probe in one chunk.
+        batchnorm: "train" (default; batch statistics, what SGD sees) or "eval"
+            (running statistics). Dropout is always off while measuring.
+        keep_graph: keep the gradient graph of every chunk for the whole measurement
+            (fast: each Hessian-vector product is one double-backward pass). With False,
+            each product rebuilds one chunk's graph at a time: memory of one chunk,
+            about twice the time.
+        forward: ``forward(model, inputs) -> outputs`` for models that do not take a
+            single tensor (default ``model(inputs)``).
+        params: the parameters to measure (default: those of ``model`` requiring grad).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> probe = Probe(model, nn.CrossEntropyLoss(), (torch.randn(32, 4), torch.randint(0, 3, (32,))))
+        >>> probe.hessian_eigenvalues(k=1).eigenvalues.shape
+        torch.Size([1])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: Callable[[Tensor, Tensor], Tensor],
+        data,
+        *,
+        chunk_size: int | None = None,
+        batchnorm: str = "train",
+        keep_graph: bool = True,
+        forward: Callable[[nn.Module, Tensor], Tensor] | None = None,
+        params: Iterable[Tensor] | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(criterion):
+            raise TypeError(f"criterion must be callable, got {type(criterion).__name__}")
+        if batchnorm not in _BATCHNORM_MODES:
+            raise ValueError(f"batchnorm must be one of {_BATCHNORM_MODES}, got {batchnorm!r}")
+        self.model = model
+        self.criterion = criterion
+        self.inputs, self.targets = _collect(data)
+        self.num_examples = len(self.inputs)
+        if chunk_size is None:
+            chunk_size = self.num_examples
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.chunk_size = min(chunk_size, self.num_examples)
+        self.batchnorm = batchnorm
+        self.keep_graph = bool(keep_graph)
+        self.forward = forward or (lambda m, x: m(x))
+        self.params = check_params(
+            [p for p in model.parameters() if p.requires_grad] if params is None else params
+        )
+        self.dim = sum(p.numel() for p in self.params)
+        self.has_batchnorm = any(_is_batchnorm(m) for m in model.modules())
+        # Reduction across processes (set by sgdbreak.distributed); identity here.
+        self.reduce_mean: Callable[[Tensor], Tensor] | None = None
+
+    # ------------------------------------------------------------------ state safety
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Measurement mode: dropout off, BatchNorm per ``batchnorm``; restore everything after."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        try:
+            self.model.eval()
+            if self.batchnorm == "train":
+                for m in self.model.modules():
+                    if _is_batchnorm(m):
+                        m.train()
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+
+    # ------------------------------------------------------------------ losses
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def chunks(self) -> list[Tensor]:
+        """Index tensors of the chunks the probe loss is evaluated in."""
+        return list(torch.arange(self.num_examples).split(self.chunk_size))
+
+    def loss_of_indices(self, indices: Tensor) -> Tensor:
+        """Mean loss over the probe examples at ``indices`` (graph built; no mode changes)."""
+        x = self.inputs[indices].to(self.device)
+        y = self.targets[indices].to(self.device)
+        return self.criterion(self.forward(self.model, x), y)
+
+    def loss(self) -> Tensor:
+        """Mean loss over the whole probe (chunk losses weighted by chunk size)."""
+        total = None
+        for idx in self.chunks():
+            part = self.loss_of_indices(idx) * (len(idx) / self.num_examples)
+            total = part if total is None else total + part
+        return total
+
+    def loss_fn(self) -> Callable[[], Tensor]:
+        """A zero-argument closure for the estimators (call it inside :meth:`measuring`)."""
+        return self.loss
+
+    # ------------------------------------------------------------------ curvature
+    def hessian_operator(self, *, hvp: str = "autograd") -> HessianOperator | ChunkedHessianOperator:
+        """The Hessian of the probe loss as an operator (call inside :meth:`measuring`)."""
+        if hvp == "autograd" and not self.keep_graph and self.chunk_size < self.num_examples:
+            op = ChunkedHessianOperator(self)
+        else:
+            op = HessianOperator(self.loss, self.params, method=hvp)
+        if self.reduce_mean is not None:
+            op.reduce = self.reduce_mean
+        return op
+
+    def hessian_eigenvalues(self, k: int = 1, *, hvp: str = "autograd", **kwargs: Any) -> HessianEigenResult:
+        """Top-k Hessian eigenvalues of the probe loss (see :func:`sgdbreak.hessian_eigenvalues`)."""
+        with self.measuring():
+            op = self.hessian_operator(hvp=hvp)
+            return eigenvalues_of_operator(op, op.dim, k, dtype=op.dtype, device=op.device,
+                                           loss=float(op.loss), **kwargs)
+
+    def hessian_trace(self, *, num_samples: int = 20, method: str = "hutchinson", hvp: str = "autograd",
+                      generator: torch.Generator | None = None) -> HessianTraceResult:
+        """Tr(H) of the probe loss (see :func:`sgdbreak.hessian_trace`)."""
+        with self.measuring():
+            op = self.hessian_operator(hvp=hvp)
+            res = hutchinson_trace(op, op.dim, num_samples=num_samples, method=method,
+                                   dtype=op.dtype, device=op.device, generator=generator)
+        return HessianTraceResult(res.value, res.stderr, res.num_matvecs, float(op.loss))
+
+    def curvature_variance(self, direction: Tensor, *, num_groups: int = 8,
+                           generator: torch.Generator | None = None) -> float:
+        """s² = Var_i[vᵀH_i v]: spread of per-example curvature along ``direction`` (Eq. 1).
+
+        The probe is split into ``num_groups`` random groups of m examples; each group's
+        Rayleigh quotient q_g = vᵀH_g v (one product) has variance s²/m, so
+        s² ≈ m · Var_g(q_g). Costs ``num_groups`` Hessian-vector products on small groups.
+        """
+        if not isinstance(num_groups, int) or num_groups < 2:
+            raise ValueError(f"num_groups must be an int >= 2, got {num_groups!r}")
+        if num_groups > self.num_examples:
+            raise ValueError(f"num_groups={num_groups} exceeds the probe size {self.num_examples}")
+        v = direction.reshape(-1).to(dtype=self.params[0].dtype, device=self.device)
+        if v.numel() != self.dim:
+            raise ValueError(f"direction must have {self.dim} entries, got {v.numel()}")
+        v = v / v.norm()
+        m = self.num_examples // num_groups
+        perm = torch.randperm(self.num_examples, generator=generator)
+        quotients = []
+        with self.measuring():
+            for g in range(num_groups):
+                idx = perm[g * m : (g + 1) * m]
+                op = HessianOperator(lambda idx=idx: self.loss_of_indices(idx), self.params)
+                quotients.append(op.rayleigh_quotient(v))
+        q = torch.tensor(quotients, dtype=torch.float64)
+        return float(m * q.var(unbiased=True))
+
+    # ------------------------------------------------------------------ gradients
+    def gradient(self) -> Tensor:
+        """The mean gradient of the probe loss, flat (``p.grad`` untouched)."""
+        with self.measuring():
+            total = torch.zeros(self.dim, dtype=self.params[0].dtype, device=self.device)
+            for idx in self.chunks():
+                loss = evaluate_loss(lambda idx=idx: self.loss_of_indices(idx))
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                total += flatten(grads, self.params) * (len(idx) / self.num_examples)
+        return self.reduce_mean(total) if self.reduce_mean is not None else total
+
+    def gradient_samples(self, *, method: str = "microbatch", num_samples: int = 20,
+                         batch_size: int = 128, generator: torch.Generator | None = None,
+                         sketch=None) -> Tensor:
+        """Gradient samples for the noise spectrum K, as rows of an (L, D) tensor.
+
+        ``method="microbatch"`` (the paper's, default; every layer type): L gradients of
+        mean losses over random batches of ``batch_size`` probe examples; their covariance
+        is K / batch_size. ``method="per_example"``: exact per-example gradients of every
+        probe example (``torch.func``); refused for BatchNorm in train mode, where a
+        per-example gradient has no meaning.
+        """
+        from . import samples
+
+        with self.measuring():
+            if method == "microbatch":
+                return samples.microbatch_gradients(
+                    self.loss_of_indices, self.params, self.num_examples, batch_size=batch_size,
+                    num_samples=num_samples, generator=generator, sketch=sketch,
+                )
+            if method == "per_example":
+                if self.has_batchnorm and self.batchnorm == "train":
+                    raise ValueError(
+                        "per-example gradients are undefined with train-mode BatchNorm (batch "
+                        "statistics): use method='microbatch' or Probe(..., batchnorm='eval')"
+                    )
+                return samples.per_example_gradients(
+                    self.model, self.criterion, self.inputs.to(self.device), self.targets.to(self.device),
+                    params=self.params, chunk_size=self.chunk_size, forward=self.forward,
+                )
+        raise ValueError(f"method must be 'microbatch' or 'per_example', got {method!r}")
+
+
+class ChunkedHessianOperator:
+    """Hessian of a probe's loss, one chunk's graph at a time (bounded memory).
+
+    H v = Σ_c (n_c / N) H_c v; each product rebuilds every chunk's gradient graph in turn
+    and frees it, so memory is that of one chunk.
+    """
+
+    def __init__(self, probe: Probe):
+        self.probe = probe
+        self.params = probe.params
+        self.dim = probe.dim
+        self.dtype = self.params[0].dtype
+        self.device = probe.device
+        self.num_matvecs = 0
+        self.reduce: Callable[[Tensor], Tensor] | None = None
+        with torch.no_grad():
+            self.loss = evaluate_loss_value(probe)
+
+    def __call__(self, v: Tensor) -> Tensor:
+        return self.matvec(v)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        if v.shape != (self.dim,):
+            raise ValueError(f"vector must have shape ({self.dim},), got {tuple(v.shape)}")
+        self.num_matvecs += 1
+        out = torch.zeros_like(v)
+        vs = unflatten(v.to(self.dtype), self.params)
+        for idx in self.probe.chunks():
+            loss = self.probe.loss_of_indices(idx)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            dot = sum((g * u).sum() for g, u in zip(grads, vs) if g is not None)
+            if not isinstance(dot, Tensor) or not dot.requires_grad:
+                continue
+            hv = torch.autograd.grad(dot, self.params, allow_unused=True)
+            out += flatten(hv, self.params) * (len(idx) / self.probe.num_examples)
+        return self.reduce(out) if self.reduce is not None else out
+
+
+def evaluate_loss_value(probe: Probe) -> Tensor:
+    """The probe loss without a graph, checked finite."""
+    loss = probe.loss().detach()
+    if not torch.isfinite(loss):
+        raise ValueError(f"loss is not finite ({loss.item()}); nothing was measured")
+    return loss
