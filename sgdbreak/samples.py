@@ -1,0 +1,324 @@
+"""Gradient samples for the noise covariance K: micro-batch and exact per-example gradients.
+
+Two ways to get the ``(L, D)`` sample matrix that :func:`sgdbreak.noise.covariance_spectrum`
+consumes:
+
+* :func:`microbatch_gradients`: ``L`` gradients of mean losses over ``M`` examples each
+  (the paper's choice: ``L ~ 20``, ``M = 128``). Works with every model, BatchNorm in
+  train mode included; the covariance of the samples is ``K / M`` (pass ``scale=M``).
+* :func:`per_example_gradients`: exact per-example gradients with ``torch.func`` (``vmap``
+  of ``grad``), which give ``K`` itself; undefined for train-mode BatchNorm.
+
+Neither touches ``p.grad``, the model's mode or its buffers.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "draw_batches",
+    "full_gradient",
+    "microbatch_gradients",
+    "per_example_gradients",
+]
+
+
+def _check_int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _param_list(params: Iterable[Tensor]) -> list[Tensor]:
+    if isinstance(params, Tensor):
+        params = [params]
+    params = list(params)
+    if not params:
+        raise ValueError("params is empty: pass the parameters to differentiate with respect to")
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params[{i}] must be a tensor, got {type(p).__name__}")
+        if not p.requires_grad:
+            raise ValueError(
+                f"params[{i}] (shape {tuple(p.shape)}) does not require grad; pass only "
+                f"trainable parameters"
+            )
+    return params
+
+
+def _flat_grad(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """Flat gradient in params order via ``autograd.grad``; unreached params give zeros."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    pieces = []
+    for p, g in zip(params, grads, strict=True):
+        if g is None:
+            pieces.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
+        else:
+            pieces.append((g.to_dense() if g.is_sparse else g).reshape(-1))
+    return torch.cat(pieces)
+
+
+def _check_loss(loss: object, where: str) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise TypeError(f"{where} must return a scalar tensor, got {shape}")
+    if not loss.requires_grad:
+        raise ValueError(
+            f"{where} returned a tensor that does not require grad; build it with autograd "
+            f"enabled from the parameters"
+        )
+    return loss.reshape(())
+
+
+def full_gradient(loss_fn: Callable[[], Tensor], params: Iterable[Tensor]) -> Tensor:
+    """Flat gradient of ``loss_fn()`` with respect to ``params`` (``p.grad`` untouched).
+
+    Args:
+        loss_fn: Zero-argument callable returning a scalar loss built with autograd.
+        params: Parameters, concatenated in this order; unused ones get zeros.
+
+    Returns:
+        A 1-D tensor of ``sum(p.numel())`` entries.
+
+    Example:
+        >>> import torch
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> full_gradient(lambda: (w**2).sum(), [w])
+        tensor([2., 4.])
+    """
+    params = _param_list(params)
+    return _flat_grad(_check_loss(loss_fn(), "loss_fn"), params)
+
+
+def draw_batches(
+    num_examples: int,
+    batch_size: int,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Indices of ``num_samples`` batches of ``batch_size`` examples from ``range(num_examples)``.
+
+    Batches are disjoint (consecutive slices of one random permutation) when
+    ``num_samples * batch_size <= num_examples``; otherwise each batch is drawn
+    independently without replacement. Either way each batch is a uniform random subset.
+
+    Returns:
+        A ``(num_samples, batch_size)`` int64 CPU tensor.
+    """
+    num_examples = _check_int(num_examples, "num_examples", 1)
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    num_samples = _check_int(num_samples, "num_samples", 1)
+    if batch_size > num_examples:
+        raise ValueError(
+            f"batch_size={batch_size} exceeds num_examples={num_examples}: a batch draws "
+            f"examples without replacement"
+        )
+    device = generator.device if generator is not None else torch.device("cpu")
+
+    def perm() -> Tensor:
+        return torch.randperm(num_examples, generator=generator, device=device).cpu()
+
+    if num_samples * batch_size <= num_examples:
+        return perm()[: num_samples * batch_size].reshape(num_samples, batch_size)
+    return torch.stack([perm()[:batch_size] for _ in range(num_samples)])
+
+
+def microbatch_gradients(
+    loss_of_indices: Callable[[Tensor], Tensor],
+    params: Iterable[Tensor],
+    num_examples: int,
+    *,
+    batch_size: int,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+    sketch: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """``L`` mini-batch gradients of ``M`` examples each, one per row.
+
+    The sample covariance of these rows estimates ``K / M`` (``K`` the per-example gradient
+    covariance): use ``covariance_spectrum(samples, scale=M)`` for per-example units (exactly,
+    ``K (N - M) / (M (N - 1))`` since examples are drawn without replacement: use
+    ``scale=M (N - 1) / (N - M)`` when ``M`` is not small against ``N``). Batches come from
+    :func:`draw_batches` (disjoint when ``L * M <= N``).
+
+    Args:
+        loss_of_indices: ``loss_of_indices(idx)`` returns the mean loss over the examples
+            ``idx`` (an int64 CPU tensor), built with autograd from ``params``. It is
+            responsible for the model's mode (e.g. restoring BatchNorm buffers).
+        params: Parameters; gradients are flattened and concatenated in this order, and
+            parameters the loss does not reach contribute zeros.
+        num_examples: ``N``, the number of examples indices are drawn from.
+        batch_size: ``M``, examples per sample, ``1 <= M <= N``.
+        num_samples: ``L``, number of samples (at least 2 for a covariance).
+        generator: ``torch.Generator`` for the index draws (reproducibility).
+        sketch: Optional linear map applied to each flat gradient as soon as it is
+            computed (e.g. :class:`sgdbreak.noise.CountSketch`), so only ``(L, m)`` is kept.
+
+    Returns:
+        ``(L, D)`` tensor (``(L, m)`` with a sketch) in the gradients' dtype and device.
+
+    Raises:
+        ValueError: bad sizes, a loss that does not require grad, or non-finite gradients
+            (the offending samples are named).
+
+    Example:
+        >>> import torch
+        >>> x, w = torch.randn(100, 3), torch.zeros(3, requires_grad=True)
+        >>> loss = lambda idx: ((x[idx] @ w - 1.0) ** 2).mean()
+        >>> microbatch_gradients(loss, [w], 100, batch_size=10, num_samples=5).shape
+        torch.Size([5, 3])
+    """
+    params = _param_list(params)
+    batches = draw_batches(num_examples, batch_size, num_samples, generator)
+    out: Tensor | None = None
+    for i, idx in enumerate(batches):
+        loss = _check_loss(loss_of_indices(idx), "loss_of_indices")
+        flat = _flat_grad(loss, params)
+        if sketch is not None:
+            flat = sketch(flat)
+        if out is None:
+            out = flat.new_empty((num_samples, flat.numel()))
+        out[i] = flat.reshape(-1)
+    assert out is not None  # num_samples >= 1
+    finite = torch.isfinite(out).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        raise ValueError(
+            f"gradient samples {bad} are not finite (nan or inf loss or gradient on those "
+            f"batches of {batch_size} examples)"
+        )
+    return out
+
+
+class _ForwardWrapper(nn.Module):
+    """Lets ``functional_call`` run a user-supplied ``forward(model, inputs)``."""
+
+    def __init__(self, model: nn.Module, forward: Callable[[nn.Module, object], Tensor]):
+        super().__init__()
+        self.model = model
+        self._forward = forward
+
+    def forward(self, inputs: object) -> Tensor:
+        return self._forward(self.model, inputs)
+
+
+def _default_forward(model: nn.Module, inputs: object) -> Tensor:
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+def per_example_gradients(
+    model: nn.Module,
+    criterion: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor | Sequence[Tensor],
+    targets: Tensor,
+    *,
+    params: Iterable[Tensor] | None = None,
+    chunk_size: int = 64,
+    forward: Callable[[nn.Module, object], Tensor] | None = None,
+) -> Tensor:
+    """Exact per-example gradients, one row per example, with ``torch.func``.
+
+    Each row is the gradient of ``criterion(forward(model, x_i[None]), y_i[None])``: the loss
+    on a batch of one, so a mean-reduction criterion gives the example's own loss. Computed
+    as ``vmap(grad(...))`` over chunks of ``chunk_size`` examples via ``functional_call``;
+    buffers are passed through unchanged and the model's mode is not changed. Dropout in
+    train mode draws an independent mask per example (``randomness="different"``).
+
+    Args:
+        model: The module.
+        criterion: Mean-reduction loss such as ``nn.CrossEntropyLoss()``.
+        inputs: ``(N, ...)`` tensor, or a tuple of such tensors (passed as separate
+            arguments to the model), batch dimension first.
+        targets: ``(N, ...)`` targets.
+        params: Parameters of ``model`` to differentiate (order of the columns); default all
+            parameters that require grad, in ``named_parameters()`` order.
+        chunk_size: Examples per ``vmap`` call (bounds memory).
+        forward: Optional ``forward(model, inputs) -> outputs`` replacing ``model(inputs)``,
+            called with a batch of one.
+
+    Returns:
+        ``(N, D)`` tensor.
+
+    Raises:
+        ValueError: BatchNorm in train mode (per-example gradients are undefined with batch
+            statistics), mismatched sizes, or params that are not the model's.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(3, 2)
+        >>> g = per_example_gradients(net, nn.CrossEntropyLoss(), torch.randn(5, 3),
+        ...                           torch.tensor([0, 1, 0, 1, 1]))
+        >>> g.shape
+        torch.Size([5, 8])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    chunk_size = _check_int(chunk_size, "chunk_size", 1)
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and module.training:
+            raise ValueError(
+                f"per-example gradients are undefined for BatchNorm in train mode (module "
+                f"'{name or type(module).__name__}' normalises with batch statistics, which "
+                f"mix examples); use microbatch_gradients, or put BatchNorm in eval mode"
+            )
+    batched = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+    if not batched or not all(isinstance(t, Tensor) for t in batched):
+        raise TypeError("inputs must be a tensor or a tuple of tensors (batch dimension first)")
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+    num = batched[0].shape[0] if batched[0].dim() > 0 else -1
+    sizes = [t.shape[0] if t.dim() > 0 else -1 for t in (*batched, targets)]
+    if num < 1 or any(s != num for s in sizes):
+        raise ValueError(
+            f"inputs and targets must share a non-empty batch dimension, got sizes {sizes}"
+        )
+
+    names_by_id = {id(p): n for n, p in model.named_parameters()}
+    if params is None:
+        chosen = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not chosen:
+            raise ValueError("model has no parameter that requires grad")
+    else:
+        chosen = []
+        for i, p in enumerate(_param_list(params)):
+            if id(p) not in names_by_id:
+                raise ValueError(
+                    f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the model"
+                )
+            chosen.append((names_by_id[id(p)], p))
+
+    module = _ForwardWrapper(model, forward if forward is not None else _default_forward)
+    diff = {"model." + n: p.detach() for n, p in chosen}
+    fixed = {"model." + n: b for n, b in model.named_buffers()}
+
+    def loss_one(diff_params: dict[str, Tensor], x: tuple[Tensor, ...], y: Tensor) -> Tensor:
+        # One example, restored to a batch of one so the criterion's mean is its own loss.
+        x1 = tuple(t.unsqueeze(0) for t in x)
+        out = torch.func.functional_call(
+            module, {**fixed, **diff_params}, (x1 if len(x1) > 1 else x1[0],)
+        )
+        return criterion(out, y.unsqueeze(0))
+
+    per_example = torch.func.vmap(
+        torch.func.grad(loss_one), in_dims=(None, 0, 0), randomness="different"
+    )
+    keys = list(diff)
+    dim = sum(p.numel() for _, p in chosen)
+    first = chosen[0][1]
+    result = torch.empty(num, dim, dtype=first.dtype, device=first.device)
+    for start in range(0, num, chunk_size):
+        stop = min(num, start + chunk_size)
+        grads = per_example(diff, tuple(t[start:stop] for t in batched), targets[start:stop])
+        result[start:stop] = torch.cat([grads[k].reshape(stop - start, -1) for k in keys], dim=1)
+    return result
