@@ -5,13 +5,42 @@ Trajectories of Deep Neural Networks" (ICLR 2020). ``import sgdbreak`` pulls in 
 numpy and scipy only; integrations (Accelerate, W&B, matplotlib) load lazily.
 """
 
-from .hessian import HessianEigenResult, HessianOperator, HessianTraceResult, hessian_eigenvalues, hessian_trace
-from .linalg import EigenResult, TraceResult, as_linear_operator, hutchinson_trace, lanczos, power_iteration
+from . import triggers
+from .breakeven import (
+    BreakEvenDetector,
+    BreakEvenResult,
+    eq1_lhs,
+    stability_ratio,
+    stability_threshold,
+)
+from .hessian import (
+    HessianEigenResult,
+    HessianOperator,
+    HessianTraceResult,
+    hessian_eigenvalues,
+    hessian_trace,
+)
+from .linalg import (
+    EigenResult,
+    TraceResult,
+    as_linear_operator,
+    hutchinson_trace,
+    lanczos,
+    power_iteration,
+)
+from .monitor import BreakEvenMonitor
+from .noise import CovarianceSpectrum, covariance_spectrum, gradient_noise_scale, noise_metrics
+from .optim import BreakEvenSGD
 from .probe import Probe
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BreakEvenDetector",
+    "BreakEvenMonitor",
+    "BreakEvenResult",
+    "BreakEvenSGD",
+    "CovarianceSpectrum",
     "EigenResult",
     "HessianEigenResult",
     "HessianOperator",
@@ -19,9 +48,16 @@ __all__ = [
     "Probe",
     "TraceResult",
     "as_linear_operator",
+    "covariance_spectrum",
+    "eq1_lhs",
+    "gradient_noise_scale",
     "hessian_eigenvalues",
     "hessian_trace",
     "hutchinson_trace",
     "lanczos",
+    "noise_metrics",
     "power_iteration",
+    "stability_ratio",
+    "stability_threshold",
+    "triggers",
 ]

@@ -116,8 +116,14 @@ class HessianOperator:
         self.loss = loss.detach()
         if method == "autograd":
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            # The loss gradient comes for free with the graph (used for noise scales).
+            self.gradient: Tensor | None = flatten([g.detach() if g is not None else None for g in grads],
+                                                   self.params)
+            if reduce is not None:
+                self.gradient = reduce(self.gradient)
             self._pairs = [(g, p) for g, p in zip(grads, self.params) if g is not None and g.requires_grad]
         else:
+            self.gradient = None
             eps = fd_epsilon if fd_epsilon is not None else torch.finfo(self.dtype).eps ** (1 / 3)
             norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in self.params))
             self._step = eps * (1.0 + norm)

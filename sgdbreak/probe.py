@@ -288,6 +288,7 @@ class ChunkedHessianOperator:
         self.device = probe.device
         self.num_matvecs = 0
         self.reduce: Callable[[Tensor], Tensor] | None = None
+        self.gradient: Tensor | None = None
         with torch.no_grad():
             self.loss = evaluate_loss_value(probe)
 

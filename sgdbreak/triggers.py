@@ -1,0 +1,169 @@
+"""When to measure: plain ``step -> bool`` callables, separate from what is measured.
+
+A trigger is any callable taking the number of completed optimizer steps and returning
+whether to measure after that step. Triggers may also define ``observe(record)`` to
+adapt to measurements and ``state_dict`` / ``load_state_dict`` to resume exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+Trigger = Callable[[int], bool]
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class Every:
+    """Fire every ``n`` steps (steps n, 2n, …, shifted by ``offset``)."""
+
+    def __init__(self, n: int, *, offset: int = 0):
+        self.n = _positive_int("n", n)
+        self.offset = offset
+
+    def __call__(self, step: int) -> bool:
+        return step >= self.offset and (step - self.offset) % self.n == 0
+
+    def __repr__(self) -> str:
+        return f"Every({self.n}, offset={self.offset})"
+
+
+class LogSpaced:
+    """Fire at roughly ``per_decade`` log-spaced steps per decade (1, 2, 3, 5, 7, 10, …).
+
+    Dense early, sparse later: early training changes fastest (break-even comes early).
+    """
+
+    def __init__(self, per_decade: int = 8, *, start: int = 1):
+        self.per_decade = _positive_int("per_decade", per_decade)
+        self.start = _positive_int("start", start)
+
+    def __call__(self, step: int) -> bool:
+        if step < self.start:
+            return False
+        if step == self.start:
+            return True
+        i = math.floor(self.per_decade * math.log10(step / self.start))
+        prev = math.floor(self.per_decade * math.log10((step - 1) / self.start))
+        return i > prev
+
+    def __repr__(self) -> str:
+        return f"LogSpaced({self.per_decade}, start={self.start})"
+
+
+class PerEpoch:
+    """Fire ``times`` times per epoch of ``steps_per_epoch`` steps (at epoch ends by default)."""
+
+    def __init__(self, steps_per_epoch: int, *, times: int = 1):
+        self.steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch)
+        self.times = _positive_int("times", times)
+
+    def __call__(self, step: int) -> bool:
+        if step < 1:
+            return False
+        marks = {round(self.steps_per_epoch * (j + 1) / self.times) for j in range(self.times)}
+        return (step - 1) % self.steps_per_epoch + 1 in marks
+
+    def __repr__(self) -> str:
+        return f"PerEpoch({self.steps_per_epoch}, times={self.times})"
+
+
+class Adaptive:
+    """Measure densely while the measurements change fast, sparsely once they settle.
+
+    After each full measurement the interval shrinks by ``factor`` when λ1^H moved by more
+    than ``change`` (relative) since the previous one, and grows by ``factor`` otherwise,
+    within [``min_every``, ``max_every``]. A cheap-signal alarm (``stability_ratio_update``
+    at or above ``alarm``) brings the next measurement forward to ``min_every`` steps
+    until break-even has been detected (``observe`` sees the monitor's records).
+    """
+
+    def __init__(
+        self,
+        *,
+        first: int = 1,
+        min_every: int = 10,
+        max_every: int = 1000,
+        factor: float = 2.0,
+        change: float = 0.25,
+        alarm: float | None = 0.5,
+        key: str = "lambda1_H",
+    ):
+        self.first = _positive_int("first", first)
+        self.min_every = _positive_int("min_every", min_every)
+        self.max_every = _positive_int("max_every", max_every)
+        if self.max_every < self.min_every:
+            raise ValueError(f"max_every={max_every} must be >= min_every={min_every}")
+        if not factor > 1:
+            raise ValueError(f"factor must be > 1, got {factor!r}")
+        if not change > 0:
+            raise ValueError(f"change must be > 0, got {change!r}")
+        self.factor, self.change, self.alarm, self.key = float(factor), float(change), alarm, key
+        self.interval = float(self.min_every)
+        self.next_step = self.first
+        self.previous: float | None = None
+        self.settled = False
+
+    def __call__(self, step: int) -> bool:
+        return step >= self.next_step
+
+    def observe(self, record: Mapping[str, float], *, break_even_reached: bool = False) -> None:
+        """Adapt the interval to a new record (full measurement or cheap signal)."""
+        step = int(record["step"])
+        self.settled = self.settled or break_even_reached
+        if self.key in record:
+            value = float(record[self.key])
+            if self.previous is not None and self.previous != 0:
+                moved = abs(value - self.previous) / abs(self.previous)
+                scale = 1 / self.factor if moved > self.change else self.factor
+                self.interval = min(self.max_every, max(self.min_every, self.interval * scale))
+            self.previous = value
+            self.next_step = step + max(1, round(self.interval))
+        alarm = record.get("stability_ratio_update")
+        if (
+            self.alarm is not None
+            and not self.settled
+            and alarm is not None
+            and alarm >= self.alarm
+        ):
+            self.next_step = min(self.next_step, step + self.min_every)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "interval": self.interval,
+            "next_step": self.next_step,
+            "previous": self.previous,
+            "settled": self.settled,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.interval = float(state["interval"])
+        self.next_step = int(state["next_step"])
+        self.previous = None if state["previous"] is None else float(state["previous"])
+        self.settled = bool(state["settled"])
+
+    def __repr__(self) -> str:
+        return f"Adaptive(min_every={self.min_every}, max_every={self.max_every}, factor={self.factor})"
+
+
+def as_trigger(value, name: str = "measure_every") -> Trigger | None:
+    """Normalise an int (every n steps), a callable trigger or None (never)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, a trigger callable or None, got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{name} must be a positive number of steps, got {value}")
+        return Every(value)
+    if callable(value):
+        return value
+    raise TypeError(
+        f"{name} must be an int, a trigger callable or None, got {type(value).__name__}"
+    )
