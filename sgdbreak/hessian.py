@@ -113,7 +113,7 @@ class HessianOperator:
         self.device = self.params[0].device
         self.num_matvecs = 0
         loss = evaluate_loss(loss_fn) if loss is None else loss
-        self.loss = loss.detach()
+        self.loss = loss.detach() if reduce is None else reduce(loss.detach().reshape(1)).reshape(())
         if method == "autograd":
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
             # The loss gradient comes for free with the graph (used for noise scales).

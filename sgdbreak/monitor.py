@@ -55,7 +55,9 @@ class BreakEvenMonitor:
         trace_samples: Hutchinson probes for ``trace_H`` (when "trace" is measured).
         noise_method: "microbatch" (the paper's) or "per_example".
         noise_samples: L, number of gradient samples.
-        noise_batch_size: M, examples per micro-batch (default ``min(128, N_probe // 2)``).
+        noise_batch_size: M, examples per micro-batch (default ``min(128, N_probe // L)``:
+            disjoint batches). K is reported in per-example units with the finite-population
+            factor of :func:`sgdbreak.samples.batch_mean_covariance_scale`.
         noise_k: number of ``eig_K_i`` entries logged.
         curvature_groups: groups for s² (one small product each).
         dataset_size, batch_size: N and S of Eq. 1 (never guessed).
@@ -131,9 +133,10 @@ class BreakEvenMonitor:
         self.trace_samples = trace_samples
         self.noise_method, self.noise_samples, self.noise_k = noise_method, noise_samples, noise_k
         n = probe.num_examples
-        self.noise_batch_size = noise_batch_size or max(1, min(128, n // 2))
-        if self.noise_batch_size > n:
-            raise ValueError(f"noise_batch_size={self.noise_batch_size} exceeds the probe size {n}")
+        # Default: disjoint micro-batches (L·M ≤ N) of at most the paper's 128.
+        self.noise_batch_size = noise_batch_size or max(1, min(128, n // noise_samples))
+        if self.noise_batch_size >= n:
+            raise ValueError(f"noise_batch_size={self.noise_batch_size} must be smaller than the probe size {n}")
         self.curvature_groups = min(curvature_groups, n)
         self.dataset_size, self.batch_size = dataset_size, batch_size
         self.steps_per_epoch = steps_per_epoch
@@ -380,20 +383,19 @@ class BreakEvenMonitor:
 
     def _noise(self, gradient: Tensor | None) -> dict[str, float]:
         from .noise import noise_metrics
+        from .samples import batch_mean_covariance_scale
 
         probe = self.probe
         samples = probe.gradient_samples(method=self.noise_method, num_samples=self.noise_samples,
                                          batch_size=self.noise_batch_size, generator=self.generator)
         if gradient is None:
             gradient = probe.gradient()
-        batch = 1 if self.noise_method == "per_example" else self.noise_batch_size
-        return noise_metrics(samples, gradient, batch_size=batch, k=self.noise_k)
+        if self.noise_method == "per_example":
+            return noise_metrics(samples, gradient, batch_size=1, k=self.noise_k)
+        scale = batch_mean_covariance_scale(probe.num_examples, self.noise_batch_size, self.noise_samples)
+        return noise_metrics(samples, gradient, batch_size=self.noise_batch_size, k=self.noise_k, scale=scale)
 
     # ------------------------------------------------------------------ forward-only signals
-    def _cheap_loss(self) -> float:
-        with torch.no_grad():
-            return float(self.probe.loss_of_indices(self.cheap_indices))
-
     def _losses_along(self, before: list[Tensor], alphas: Iterable[float]) -> list[float]:
         """Cheap-batch losses at θ_t + α·Δ, Δ = θ_{t+1} − θ_t; parameters restored exactly."""
         params = self.probe.params
@@ -405,7 +407,7 @@ class BreakEvenMonitor:
                     with torch.no_grad():
                         for p, b, a in zip(params, before, after):
                             p.copy_(b + alpha * (a - b))
-                    out.append(self._cheap_loss())
+                    out.append(self.probe.loss_value(self.cheap_indices))
         finally:
             with torch.no_grad():
                 for p, a in zip(params, after):

@@ -619,7 +619,8 @@ class NoiseScaleTracker:
 
 
 def noise_metrics(
-    samples: Tensor, gradient: Tensor | None, *, batch_size: int, k: int = 5
+    samples: Tensor, gradient: Tensor | None, *, batch_size: int, k: int = 5,
+    scale: float | None = None,
 ) -> dict[str, float]:
     """The noise part of a measurement record (docs/contracts.md), in per-example units.
 
@@ -630,6 +631,9 @@ def noise_metrics(
             mini-batch gradient; a probe or full gradient is better for ``gns``). None uses
             the mean of the samples, whose ``||g||^2`` is biased up by ``Tr(K) / (L M)``.
         batch_size: ``M``, examples per sample; eigenvalues are multiplied by ``M``.
+        scale: overrides the factor ``M`` (e.g. the finite-population factor of
+            :func:`sgdbreak.samples.batch_mean_covariance_scale` for batches drawn from a
+            small probe).
         k: Number of spectrum entries ``eig_K_1 .. eig_K_k``; capped at ``L - 1``.
 
     Returns:
@@ -661,7 +665,8 @@ def noise_metrics(
     k_eff = min(int(k), num - 1)
     n_vec = min(5, num - 1)
     spec = covariance_spectrum(
-        samples, k=max(k_eff, n_vec), scale=batch_size, return_eigenvectors=True
+        samples, k=max(k_eff, n_vec), scale=batch_size if scale is None else scale,
+        return_eigenvectors=True,
     )
     grad_flat = gradient.reshape(-1)
     grad_norm_sq = float(torch.linalg.vector_norm(grad_flat.to(torch.float64)) ** 2)

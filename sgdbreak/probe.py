@@ -172,6 +172,15 @@ class Probe:
             total = part if total is None else total + part
         return total
 
+    def loss_value(self, indices: Tensor | None = None) -> float:
+        """Mean loss (no graph) over ``indices`` or the whole probe, reduced across processes."""
+        with torch.no_grad():
+            loss = self.loss() if indices is None else self.loss_of_indices(indices)
+            loss = loss.detach().reshape(1)
+        if self.reduce_mean is not None:
+            loss = self.reduce_mean(loss)
+        return float(loss)
+
     def loss_fn(self) -> Callable[[], Tensor]:
         """A zero-argument closure for the estimators (call it inside :meth:`measuring`)."""
         return self.loss
@@ -180,12 +189,8 @@ class Probe:
     def hessian_operator(self, *, hvp: str = "autograd") -> HessianOperator | ChunkedHessianOperator:
         """The Hessian of the probe loss as an operator (call inside :meth:`measuring`)."""
         if hvp == "autograd" and not self.keep_graph and self.chunk_size < self.num_examples:
-            op = ChunkedHessianOperator(self)
-        else:
-            op = HessianOperator(self.loss, self.params, method=hvp)
-        if self.reduce_mean is not None:
-            op.reduce = self.reduce_mean
-        return op
+            return ChunkedHessianOperator(self)
+        return HessianOperator(self.loss, self.params, method=hvp, reduce=self.reduce_mean)
 
     def hessian_eigenvalues(self, k: int = 1, *, hvp: str = "autograd", **kwargs: Any) -> HessianEigenResult:
         """Top-k Hessian eigenvalues of the probe loss (see :func:`sgdbreak.hessian_eigenvalues`)."""
@@ -287,10 +292,11 @@ class ChunkedHessianOperator:
         self.dtype = self.params[0].dtype
         self.device = probe.device
         self.num_matvecs = 0
-        self.reduce: Callable[[Tensor], Tensor] | None = None
+        self.reduce = probe.reduce_mean
         self.gradient: Tensor | None = None
-        with torch.no_grad():
-            self.loss = evaluate_loss_value(probe)
+        self.loss = torch.tensor(probe.loss_value())
+        if not torch.isfinite(self.loss):
+            raise ValueError(f"loss is not finite ({self.loss.item()}); nothing was measured")
 
     def __call__(self, v: Tensor) -> Tensor:
         return self.matvec(v)
@@ -310,11 +316,3 @@ class ChunkedHessianOperator:
             hv = torch.autograd.grad(dot, self.params, allow_unused=True)
             out += flatten(hv, self.params) * (len(idx) / self.probe.num_examples)
         return self.reduce(out) if self.reduce is not None else out
-
-
-def evaluate_loss_value(probe: Probe) -> Tensor:
-    """The probe loss without a graph, checked finite."""
-    loss = probe.loss().detach()
-    if not torch.isfinite(loss):
-        raise ValueError(f"loss is not finite ({loss.item()}); nothing was measured")
-    return loss

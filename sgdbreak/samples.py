@@ -98,6 +98,29 @@ def full_gradient(loss_fn: Callable[[], Tensor], params: Iterable[Tensor]) -> Te
     return _flat_grad(_check_loss(loss_fn(), "loss_fn"), params)
 
 
+def batch_mean_covariance_scale(num_examples: int, batch_size: int, num_samples: int) -> float:
+    """Factor turning the sample covariance of micro-batch means into per-example K.
+
+    With K the population covariance (1/N) of the N examples' gradients and batches of M
+    drawn without replacement: independent batches have Cov(mean) = K (N − M)/(M (N − 1)),
+    so the factor is M (N − 1)/(N − M); disjoint batches (one permutation, as
+    :func:`draw_batches` uses when L·M ≤ N) are negatively correlated and the expected
+    sample covariance is K N/(M (N − 1)), so the factor is M (N − 1)/N. Both tend to M
+    for N ≫ M; for M = N/2 the naive M is off by 2×.
+    """
+    num_examples = _check_int(num_examples, "num_examples", 2)
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    num_samples = _check_int(num_samples, "num_samples", 2)
+    if num_samples * batch_size <= num_examples:
+        return batch_size * (num_examples - 1) / num_examples
+    if batch_size >= num_examples:
+        raise ValueError(
+            f"batch_size={batch_size} must be smaller than num_examples={num_examples}: "
+            "batches of the whole probe have no spread"
+        )
+    return batch_size * (num_examples - 1) / (num_examples - batch_size)
+
+
 def draw_batches(
     num_examples: int,
     batch_size: int,

@@ -339,3 +339,25 @@ def test_linear_gaussian_model_covariance_matches_closed_form():
     check(covariance_spectrum(mini, k=4, scale=m_batch), mini, m_batch)
     # Without the factor M the estimate is far off: the units matter.
     assert covariance_spectrum(mini, k=1).lambda1 < 0.2 * float(true_evals[0])
+
+
+@pytest.mark.parametrize("batch_size, num_samples", [(4, 5), (12, 40)])  # disjoint, independent
+def test_batch_mean_covariance_scale_recovers_population_trace(batch_size, num_samples):
+    from sgdbreak.samples import batch_mean_covariance_scale, draw_batches
+
+    g = torch.Generator().manual_seed(0)
+    n = 24
+    per_example = torch.randn(n, 6, generator=g, dtype=torch.float64) * torch.arange(1, 7)
+    population_trace = per_example.var(dim=0, unbiased=False).sum().item()
+    scale = batch_mean_covariance_scale(n, batch_size, num_samples)
+    traces = []
+    for _ in range(3000):
+        idx = draw_batches(n, batch_size, num_samples, generator=g)
+        means = per_example[idx].mean(dim=1)
+        traces.append(means.var(dim=0, unbiased=True).sum().item() * scale)
+    traces = torch.tensor(traces)
+    assert abs(traces.mean().item() - population_trace) < 4 * traces.std().item() / len(traces) ** 0.5
+    # The naive factor M is measurably biased in the independent case.
+    if num_samples * batch_size > n:
+        naive = traces.mean().item() / scale * batch_size
+        assert abs(naive - population_trace) > 0.3 * population_trace
