@@ -1,0 +1,387 @@
+"""Command line: ``sgdbreak report`` and ``sgdbreak summary`` on run directories.
+
+``report`` prints each run's peaks (raw, smoothed, 90 % quantile), its break-even point
+and final accuracy, and writes its figure. ``summary`` checks the paper's Conjectures 1
+and 2 (Jastrzebski et al. 2020) on every pair of runs that differ only in learning rate
+or batch size: a larger η or a smaller S should reach lower λ1^K and λ1^H (Conjecture 1),
+a larger Tr K/λ1^K and a smaller Tr K (Conjecture 2). Maxima are taken on the smoothed
+series because one-sample spikes spoil the raw ones.
+
+Example:
+    $ sgdbreak report runs/lr0.1 runs/lr0.01 --out figures
+    $ sgdbreak summary runs/*
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from .tracking import Run, read_run
+
+__all__ = ["CHECKS", "DEFAULT_IGNORED_CONFIG_KEYS", "compare_runs", "main"]
+
+#: Config keys that name outputs rather than change the experiment; not compared.
+DEFAULT_IGNORED_CONFIG_KEYS = (
+    "run_dir",
+    "out_dir",
+    "output_dir",
+    "log_dir",
+    "data_dir",
+    "name",
+    "run_name",
+    "wandb_project",
+    "wandb_run_name",
+)
+
+#: (conjecture, quantity, label, expected direction for the noisier run: -1 lower, +1 higher)
+CHECKS = (
+    (1, "lambda1_K", "max lambda1_K", -1),
+    (1, "lambda1_H", "max lambda1_H", -1),
+    (2, "stable_rank_K", "max Tr K/lambda1_K", +1),
+    (2, "trace_K", "max Tr K", -1),
+)
+
+_VARIED = ("lr", "batch_size")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _load(paths: Iterable[str]) -> list[tuple[str, Run]]:
+    return [(p, read_run(p)) for p in paths]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _report_lines(label: str, run: Run, summary: dict) -> list[str]:
+    cfg = ", ".join(f"{k}={run.config[k]}" for k in _VARIED if k in run.config)
+    lines = [f"== {label}" + (f"  ({cfg})" if cfg else "")]
+    qname = f"q{summary['quantile'] * 100:g}"
+    lines.append(f"  {'quantity':<20}{'max':>11}{'smoothed':>11}{qname:>11}{'at step':>9}")
+    names = {
+        "lambda1_H": "lambda1_H",
+        "lambda1_K": "lambda1_K",
+        "stable_rank_K": "Tr K/lambda1_K",
+        "trace_K": "Tr K",
+    }
+    for key, name in names.items():
+        lines.append(
+            f"  {name:<20}{_fmt(summary[f'max_{key}']):>11}"
+            f"{_fmt(summary[f'max_{key}_smoothed']):>11}{_fmt(summary[f'{qname}_{key}']):>11}"
+            f"{_fmt(summary[f'step_of_max_{key}_smoothed']):>9}"
+        )
+    if summary["break_even_step"] is None:
+        lines.append("  break-even: not detected")
+    else:
+        lines.append(
+            f"  break-even: step {summary['break_even_step']} "
+            f"(rule: {summary['break_even_rule']}, detected at {_fmt(summary['break_even_detected_at'])})"
+        )
+        evidence = summary.get("break_even_evidence") or {}
+        for rule, values in evidence.items():
+            if isinstance(values, dict):
+                text = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+            else:
+                text = _fmt(values)
+            lines.append(f"    evidence {rule}: {text}")
+    if summary["final_train_accuracy"] is not None:
+        lines.append(f"  final train_accuracy: {_fmt(summary['final_train_accuracy'])}")
+    steps = (
+        f" (steps {summary['first_step']}-{summary['last_step']})"
+        if summary["first_step"] is not None
+        else ""
+    )
+    lines.append(
+        f"  measurements: {summary['num_measurements']} in {summary['num_records']} records{steps}"
+    )
+    return lines
+
+
+def _figure_stems(runs: list[tuple[str, Run]], out: str | None) -> list[Path]:
+    if out is None:
+        return [run.run_dir / "breakeven" for _, run in runs]
+    names = [run.name for _, run in runs]
+    unique = len(set(names)) == len(names)
+    return [
+        Path(out) / (f"{name}_breakeven" if unique else f"{i}_{name}_breakeven")
+        for i, name in enumerate(names)
+    ]
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    runs = _load(args.run_dirs)
+    summaries = [run.summarize(window=args.window) for _, run in runs]
+    if args.json:
+        print(
+            json.dumps({label: s for (label, _), s in zip(runs, summaries, strict=True)}, indent=2)
+        )
+    plots = None
+    if not args.no_plots:
+        try:
+            from . import plots
+        except ImportError as err:  # matplotlib is an optional dependency
+            print(f"figures skipped: {err} (pip install 'sgdbreak[plots]')", file=sys.stderr)
+    stems = _figure_stems(runs, args.out)
+    for (label, run), summary, stem in zip(runs, summaries, stems, strict=True):
+        if not args.json:
+            print("\n".join(_report_lines(label, run, summary)))
+        if plots is not None:
+            try:
+                result = plots.plot_run(
+                    run, stem, x=args.x, window=args.window, formats=args.formats
+                )
+            except ValueError as err:
+                print(f"  figure skipped: {err}", file=sys.stderr)
+            else:
+                result.figure.clear()
+                if not args.json:
+                    print(f"  figure: {', '.join(str(p) for p in result.paths)}")
+        if not args.json:
+            print()
+    if plots is not None and args.out is not None and len(runs) > 1:
+        try:
+            result = plots.plot_comparison(
+                [r for _, r in runs],
+                None,
+                Path(args.out) / "comparison",
+                x=args.x,
+                window=args.window,
+                formats=args.formats,
+            )
+        except ValueError as err:
+            print(f"comparison figure skipped: {err}", file=sys.stderr)
+        else:
+            result.figure.clear()
+            if not args.json:
+                print(f"comparison figure: {', '.join(str(p) for p in result.paths)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _other_config(run: Run, ignore: Sequence[str]) -> dict:
+    skip = set(_VARIED) | set(ignore)
+    return {k: v for k, v in run.config.items() if k not in skip}
+
+
+def _config_diff(a: dict, b: dict) -> list[str]:
+    return sorted(
+        k
+        for k in set(a) | set(b)
+        if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def compare_runs(
+    runs: Sequence[tuple[str, Run]],
+    *,
+    window: int = 5,
+    ignore: Sequence[str] = DEFAULT_IGNORED_CONFIG_KEYS,
+) -> dict:
+    """Check Conjectures 1 and 2 on every pair of runs differing only in ``lr`` or ``batch_size``.
+
+    Two runs are compared when their ``config.json`` agree on every key except ``lr``,
+    ``batch_size`` and ``ignore``, and differ in exactly one of ``lr``/``batch_size``. The
+    *noisier* run is the one with the larger ``lr`` or the smaller ``batch_size``; each
+    check of :data:`CHECKS` compares smoothed maxima (:func:`~sgdbreak.tracking.summarize`).
+
+    Args:
+        runs: ``(label, run)`` pairs.
+        window: Moving-average window for the smoothed maxima.
+        ignore: Config keys that do not count as differences.
+
+    Returns:
+        ``{"pairs": [...], "not_compared": [...], "totals": {...}}``. Each pair has
+        ``a``, ``b``, ``varied``, ``noisier`` and ``checks`` (``conjecture``, ``quantity``,
+        ``noisier_value``, ``other_value``, ``expected`` and ``verdict``: ``"agrees"``,
+        ``"disagrees"``, ``"tie"`` or ``"missing"``).
+    """
+    summaries = {label: run.summarize(window=window) for label, run in runs}
+    others = {label: _other_config(run, ignore) for label, run in runs}
+    pairs, notes = [], []
+    partnered: set[str] = set()
+    usable = []
+    for label, run in runs:
+        if not any(_is_number(run.config.get(k)) for k in _VARIED):
+            notes.append({"run": label, "reason": "config.json has no numeric lr or batch_size"})
+        else:
+            usable.append((label, run))
+    for (la, ra), (lb, rb) in combinations(usable, 2):
+        if _config_diff(others[la], others[lb]):
+            continue
+        varied = [k for k in _VARIED if ra.config.get(k) != rb.config.get(k)]
+        if len(varied) != 1:
+            reason = "same lr and batch_size" if not varied else "differ in both lr and batch_size"
+            notes.append({"run": f"{la} vs {lb}", "reason": reason})
+            partnered.update((la, lb))
+            continue
+        key = varied[0]
+        va, vb = ra.config.get(key), rb.config.get(key)
+        if not (_is_number(va) and _is_number(vb)):
+            notes.append({"run": f"{la} vs {lb}", "reason": f"{key} is not numeric in both"})
+            continue
+        partnered.update((la, lb))
+        a_noisier = va > vb if key == "lr" else va < vb
+        noisy, quiet = (la, lb) if a_noisier else (lb, la)
+        checks = []
+        for conjecture, quantity, name, direction in CHECKS:
+            nv = summaries[noisy][f"max_{quantity}_smoothed"]
+            ov = summaries[quiet][f"max_{quantity}_smoothed"]
+            if nv is None or ov is None:
+                verdict = "missing"
+            elif nv == ov:
+                verdict = "tie"
+            else:
+                verdict = "agrees" if (nv - ov) * direction > 0 else "disagrees"
+            checks.append(
+                {
+                    "conjecture": conjecture,
+                    "quantity": quantity,
+                    "name": name,
+                    "expected": "lower" if direction < 0 else "higher",
+                    "noisier_value": nv,
+                    "other_value": ov,
+                    "verdict": verdict,
+                }
+            )
+        pairs.append(
+            {"a": la, "b": lb, "varied": key, "noisier": noisy, "other": quiet, "checks": checks}
+        )
+    for label, _ in usable:
+        if label in partnered:
+            continue
+        diffs = [_config_diff(others[label], others[o]) for o, _ in usable if o != label]
+        reason = (
+            "the only run with lr/batch_size"
+            if not diffs
+            else "other config keys differ from every other run: " + ", ".join(min(diffs, key=len))
+        )
+        notes.append({"run": label, "reason": reason})
+    verdicts = [c["verdict"] for p in pairs for c in p["checks"]]
+    totals = {v: verdicts.count(v) for v in ("agrees", "disagrees", "tie", "missing")}
+    return {"window": window, "pairs": pairs, "not_compared": notes, "totals": totals}
+
+
+def _summary_lines(result: dict, runs: dict[str, Run]) -> list[str]:
+    lines = [
+        f"Conjectures 1 and 2 on smoothed maxima (moving-average window {result['window']});",
+        "each check: noisier run (larger lr or smaller batch_size) vs the other",
+        "",
+    ]
+    if not result["pairs"]:
+        lines.append("no pair of runs differs only in lr or batch_size")
+    for pair in result["pairs"]:
+        key = pair["varied"]
+        direction = "larger lr" if key == "lr" else "smaller batch_size"
+        a, b = pair["a"], pair["b"]
+        lines.append(
+            f"{a} ({key}={runs[a].config[key]}) vs {b} ({key}={runs[b].config[key]}): "
+            f"{direction} in {pair['noisier']}"
+        )
+        for check in pair["checks"]:
+            lines.append(
+                f"  Conjecture {check['conjecture']}  {check['name']:<20} "
+                f"{_fmt(check['noisier_value'])} vs {_fmt(check['other_value'])}  "
+                f"expected {check['expected']}: {check['verdict']}"
+            )
+        lines.append("")
+    if result["not_compared"]:
+        lines.append("not compared:")
+        for note in result["not_compared"]:
+            lines.append(f"  {note['run']}: {note['reason']}")
+        lines.append("")
+    t = result["totals"]
+    lines.append(
+        f"total: {t['agrees']} agree, {t['disagrees']} disagree, {t['tie']} tie, {t['missing']} missing"
+    )
+    return lines
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    runs = _load(args.run_dirs)
+    ignore = tuple(DEFAULT_IGNORED_CONFIG_KEYS) + tuple(args.ignore or ())
+    result = compare_runs(runs, window=args.window, ignore=ignore)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("\n".join(_summary_lines(result, dict(runs))))
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f.strip().lstrip(".") for f in text.split(",") if f.strip())
+    if not formats:
+        raise argparse.ArgumentTypeError("give at least one format, e.g. png,pdf")
+    return formats
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sgdbreak", description="Inspect break-even measurements in sgdbreak run directories."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    report = sub.add_parser("report", help="per-run peaks, break-even point and figures")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="write figures here (default: into each run directory)")
+    report.add_argument("--no-plots", action="store_true", help="do not write figures")
+    report.add_argument("--x", default="step", help="x axis of the figures: step or epoch")
+    report.add_argument(
+        "--formats", type=_formats, default=("png", "pdf"), help="figure formats (default: png,pdf)"
+    )
+    report.add_argument("--window", type=_positive_int, default=5, help="moving-average window")
+    report.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    report.set_defaults(func=_cmd_report)
+    summary = sub.add_parser("summary", help="check Conjectures 1 and 2 across runs")
+    summary.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    summary.add_argument("--window", type=_positive_int, default=5, help="moving-average window")
+    summary.add_argument(
+        "--ignore",
+        action="append",
+        metavar="KEY",
+        help="config key that may differ between compared runs (repeatable; "
+        f"always ignored: {', '.join(DEFAULT_IGNORED_CONFIG_KEYS)})",
+    )
+    summary.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+    summary.set_defaults(func=_cmd_summary)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for unreadable run directories)."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"sgdbreak {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
