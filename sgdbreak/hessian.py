@@ -207,7 +207,7 @@ def _warm_start_vectors(warm_start, dim: int):
     if warm_start is None:
         return None
     if isinstance(warm_start, EigenResult):
-        return warm_start.eigenvectors
+        return warm_start.restart_vectors if warm_start.restart_vectors is not None else warm_start.eigenvectors
     if isinstance(warm_start, Tensor) or isinstance(warm_start, Sequence):
         return warm_start
     raise TypeError(
@@ -243,7 +243,7 @@ def eigenvalues_of_operator(
     res = run(operator, dim, k, which=which, tol=tol, max_matvecs=max_hvps, init=init,
               dtype=dtype, device=device, generator=generator, **solver_kwargs)
     return HessianEigenResult(res.eigenvalues, res.eigenvectors, res.residuals, res.num_matvecs,
-                              res.converged, res.error_bounds, loss=loss)
+                              res.converged, res.error_bounds, res.restart_vectors, loss=loss)
 
 
 def hessian_eigenvalues(

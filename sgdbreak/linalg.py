@@ -36,6 +36,9 @@ class EigenResult:
         converged: whether every requested pair met the tolerance.
         error_bounds: float64 tensor (k,), estimated |θ − λ| (residual, sharpened by
             the spectral gap where the Ritz values give one).
+        restart_vectors: the top Ritz vectors (up to k + 2) of the final basis: the warm
+            start for the next measurement (more than k, so a swap of the top
+            eigenvectors between measurements is caught by the Rayleigh-Ritz step).
     """
 
     eigenvalues: Tensor
@@ -44,6 +47,7 @@ class EigenResult:
     num_matvecs: int
     converged: bool
     error_bounds: Tensor
+    restart_vectors: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ def _as_start_block(init, dim: int, dtype, device) -> list[Tensor]:
     if init is None:
         return []
     if isinstance(init, EigenResult):
-        init = init.eigenvectors
+        init = init.restart_vectors if init.restart_vectors is not None else init.eigenvectors
     if isinstance(init, Tensor):
         block = init.reshape(1, -1) if init.dim() == 1 else init
     elif isinstance(init, Sequence):
@@ -226,12 +230,14 @@ def lanczos(
         order = _order(theta, which)
         theta, Y = theta[order], Y[:, order]
         kk = min(k, m)
-        Yk = Y[:, :kk].to(dtype=dtype, device=v.device)
-        AVt = torch.stack(AV)
-        ritz = Yk.T @ Vt
-        resid_vecs = Yk.T @ AVt - theta[:kk].to(dtype=dtype, device=v.device)[:, None] * ritz
+        # Ritz pairs k and k+1 too: their residuals make the gap estimate honest, and
+        # they are kept as the next warm start (eigenvectors swap order during training).
+        nr = min(m, k + 2)
+        Yr = Y[:, :nr].to(dtype=dtype, device=v.device)
+        ritz = Yr.T @ Vt
+        resid_vecs = Yr.T @ torch.stack(AV) - theta[:nr].to(dtype=dtype, device=v.device)[:, None] * ritz
         res = resid_vecs.double().norm(dim=1).cpu()
-        bounds = _error_bounds(theta, res, kk, which, convergence)
+        bounds = _error_bounds(theta[:nr], res, kk, convergence)
         scale = max(theta.abs().max().item(), torch.finfo(dtype).tiny)
         done = m >= k and bool((bounds <= tol * scale).all())
         best = (theta[:kk].clone(), ritz, res, bounds)
@@ -254,17 +260,23 @@ def lanczos(
     theta, ritz, res, bounds = best
     if len(theta) < k:  # dim == m < k cannot happen (k <= dim); guard anyway
         raise RuntimeError("Lanczos ended with fewer Ritz pairs than requested")
-    return EigenResult(theta, ritz, res, num, converged, bounds)
+    return EigenResult(theta, ritz[:k], res[:k], num, converged, bounds, restart_vectors=ritz)
 
 
-def _error_bounds(theta: Tensor, res: Tensor, kk: int, which: str, convergence: str) -> Tensor:
-    """Estimated eigenvalue errors: ‖r‖, or ‖r‖²/gap when that is smaller."""
+def _error_bounds(theta: Tensor, res: Tensor, kk: int, convergence: str) -> Tensor:
+    """Estimated errors of the first ``kk`` Ritz values.
+
+    "residual": ‖r_i‖ (some eigenvalue lies within it). "eigenvalue": min(‖r_i‖, ‖r_i‖²/δ_i),
+    the gap bound, with δ_i the distance to the neighbouring Ritz values shrunk by *their*
+    residuals, so an unconverged neighbour cannot fake a large gap (a warm start plus one
+    Krylov vector would otherwise "converge" to a superseded eigenvector).
+    """
+    bounds = res[:kk].clone()
     if convergence == "residual" or len(theta) < 2:
-        return res.clone()
-    bounds = res.clone()
+        return bounds
     for i in range(kk):
-        others = torch.cat([theta[:i], theta[i + 1 :]])
-        gap = (others - theta[i]).abs().min().item()
+        gaps = [abs(theta[i].item() - theta[j].item()) - res[j].item() for j in range(len(theta)) if j != i]
+        gap = min(gaps)
         if gap > 0:
             bounds[i] = min(res[i].item(), res[i].item() ** 2 / gap)
     return bounds

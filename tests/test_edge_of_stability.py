@@ -194,16 +194,6 @@ def test_measuring_does_not_change_the_trajectory(run):
     assert all(math.isfinite(v) for v in run["oracle"].values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "library bug: at the edge of stability the top Hessian eigenvectors swap, and the "
-        "monitor's warm-started Lanczos (convergence='eigenvalue') locks on the previous top "
-        "eigenvector, now the 2nd/3rd: after 2 products it reports hessian_converged=1 with "
-        "lambda1_H 5-8 % below the true top eigenvalue, because the gap in the ||r||^2/gap "
-        "bound is taken from the Ritz values of a 2-vector basis"
-    ),
-)
 def test_monitor_tracks_the_top_eigenvalue_while_hovering(run):
     records, oracle = run["history"], run["oracle"]
     for step in sorted(oracle):

@@ -74,7 +74,7 @@ def test_thick_restart_bounds_basis_and_still_converges():
 
 
 def test_warm_start_needs_far_fewer_products():
-    ev = torch.tensor([3.0, 2.0] + list(np.linspace(-1.5, 1.5, 198)), dtype=torch.float64)
+    ev = torch.tensor([3.0, 2.7, 2.5] + list(np.linspace(-1.5, 1.5, 197)), dtype=torch.float64)
     A = symmetric_matrix_with_spectrum(ev, generator=gen(5))
     first = lanczos(op(A), 200, 1, tol=1e-8, dtype=torch.float64, generator=gen())
     E = torch.randn(200, 200, dtype=torch.float64, generator=gen(6)) * 1e-4
@@ -84,6 +84,18 @@ def test_warm_start_needs_far_fewer_products():
     exact = torch.linalg.eigvalsh(B)[-1]
     assert warm.eigenvalues.item() == pytest.approx(exact.item(), rel=1e-4)
     assert warm.num_matvecs <= 3 and cold.num_matvecs >= 3 * warm.num_matvecs
+
+
+def test_warm_start_catches_a_swap_of_the_top_eigenvectors():
+    # The previous top eigenvector becomes the second: a single-vector warm start would
+    # stop on it; the kept Ritz block sees the swap.
+    ev = torch.tensor([3.0, 2.9, 2.0] + list(np.linspace(-1, 1, 97)), dtype=torch.float64)
+    A = symmetric_matrix_with_spectrum(ev, generator=gen(13))
+    first = lanczos(op(A), 100, 1, tol=1e-8, dtype=torch.float64, generator=gen())
+    u = first.eigenvectors[0]
+    B = A - 0.2 * torch.outer(u, u)  # old top now at 2.8, below 2.9
+    res = lanczos(op(B), 100, 1, tol=1e-4, init=first, dtype=torch.float64, generator=gen())
+    assert res.eigenvalues.item() == pytest.approx(torch.linalg.eigvalsh(B)[-1].item(), rel=1e-4)
 
 
 def test_power_iteration_handles_negative_dominant():
