@@ -493,7 +493,7 @@ class BreakEvenMonitor:
         self.calibration = state["calibration"]
         self.num_measurements = int(state["num_measurements"])
         self.skipped = dict(state["skipped"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # Accelerate may move optimizer state to GPU
         self.detector.load_state_dict(state["detector"])
         for name, trigger in (("measure", self.measure_trigger), ("cheap", self.cheap_trigger)):
             if name in state["triggers"] and hasattr(trigger, "load_state_dict"):
