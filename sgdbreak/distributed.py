@@ -409,34 +409,20 @@ class DistributedProbe(Probe):
         self._checked_local_loss()
         return HessianOperator(self.loss, self.params, method=hvp, reduce=self.reduce_mean)
 
-    def curvature_variance(self, direction: Tensor, *, num_groups: int = 8,
-                           generator: torch.Generator | None = None) -> float:
-        """s² = Var_i[vᵀH_i v] on the global probe (see :meth:`sgdbreak.Probe.curvature_variance`).
+    def _group_rayleigh_quotients(self, v: Tensor, groups: list[Tensor]) -> Tensor:
+        """vᵀH_g v of each *global* group: the processes' shares add up (one small all-reduce).
 
-        Groups are drawn from the global probe with ``generator`` (the same draw as a
-        single process); each group's product is the sum of the processes' shares.
+        Groups are drawn from the global probe with the monitor's generator (the same draw
+        as a single process, see :meth:`sgdbreak.Probe.curvature_variance`).
         """
-        if not isinstance(num_groups, int) or num_groups < 2:
-            raise ValueError(f"num_groups must be an int >= 2, got {num_groups!r}")
-        if num_groups > self.num_examples:
-            raise ValueError(f"num_groups={num_groups} exceeds the probe size {self.num_examples}")
-        v = direction.reshape(-1).to(dtype=self.params[0].dtype, device=self.device)
-        if v.numel() != self.dim:
-            raise ValueError(f"direction must have {self.dim} entries, got {v.numel()}")
-        v = v / v.norm()
-        m = self.num_examples // num_groups
-        perm = torch.randperm(self.num_examples, generator=generator)
         quotients = []
-        with self.measuring():
-            for g in range(num_groups):
-                idx = perm[g * m : (g + 1) * m]
-                with torch.enable_grad():
-                    share = self.loss_of_indices(idx).reshape(())
-                op = HessianOperator(lambda idx=idx: self.loss_of_indices(idx), self.params, loss=share)
-                quotients.append(op.rayleigh_quotient(v))
-        # vᵀH_g v is linear in H_g: the processes' shares add up (one small all-reduce).
-        q = self._comm.sum(torch.tensor(quotients, dtype=torch.float64, device=self.device)).cpu()
-        return float(m * q.var(unbiased=True))
+        for idx in groups:
+            with torch.enable_grad():
+                share = self.loss_of_indices(idx).reshape(())
+            # The local share is not checked for finiteness here (the reduced loss is).
+            op = HessianOperator(lambda idx=idx: self.loss_of_indices(idx), self.params, loss=share)
+            quotients.append(op.rayleigh_quotient(v))
+        return self._comm.sum(torch.tensor(quotients, dtype=torch.float64, device=self.device)).cpu()
 
     # ------------------------------------------------------------------ gradients
     def gradient(self) -> Tensor:

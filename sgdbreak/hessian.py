@@ -215,6 +215,13 @@ def _warm_start_vectors(warm_start, dim: int):
     )
 
 
+def _check_k(k, dim: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if k > dim:
+        raise ValueError(f"k={k} is larger than the number of parameters ({dim})")
+
+
 def eigenvalues_of_operator(
     operator: Callable[[Tensor], Tensor],
     dim: int,
@@ -234,10 +241,7 @@ def eigenvalues_of_operator(
     """Run the chosen eigensolver on a Hessian operator and wrap the result."""
     if solver not in ("lanczos", "power"):
         raise ValueError(f"solver must be 'lanczos' or 'power', got {solver!r}")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if k > dim:
-        raise ValueError(f"k={k} is larger than the number of parameters ({dim})")
+    _check_k(k, dim)
     init = _warm_start_vectors(warm_start, dim)
     run = lanczos if solver == "lanczos" else power_iteration
     res = run(operator, dim, k, which=which, tol=tol, max_matvecs=max_hvps, init=init,
@@ -293,11 +297,7 @@ def hessian_eigenvalues(
         torch.Size([2])
     """
     params = check_params(params)
-    dim = sum(p.numel() for p in params)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if k > dim:
-        raise ValueError(f"k={k} is larger than the number of parameters ({dim})")
+    _check_k(k, sum(p.numel() for p in params))  # before any forward pass
     op = HessianOperator(loss_fn, params, method=hvp)
     return eigenvalues_of_operator(
         op, op.dim, k, solver=solver, which=which, tol=tol, max_hvps=max_hvps,

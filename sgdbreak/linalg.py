@@ -266,17 +266,16 @@ def lanczos(
 def _error_bounds(theta: Tensor, res: Tensor, kk: int, convergence: str) -> Tensor:
     """Estimated errors of the first ``kk`` Ritz values.
 
-    "residual": ‖r_i‖ (some eigenvalue lies within it). "eigenvalue": min(‖r_i‖, ‖r_i‖²/δ_i),
-    the gap bound, with δ_i the distance to the neighbouring Ritz values shrunk by *their*
-    residuals, so an unconverged neighbour cannot fake a large gap (a warm start plus one
-    Krylov vector would otherwise "converge" to a superseded eigenvector).
+    "residual": ‖r_i‖ (some eigenvalue lies within it, rigorous). "eigenvalue":
+    min(‖r_i‖, ‖r_i‖²/δ_i) with δ_i the distance to the nearest other Ritz value — the gap
+    bound, an estimate (δ is only as good as the neighbouring Ritz values, which is why
+    warm starts keep a block of k + 2 vectors rather than one).
     """
     bounds = res[:kk].clone()
     if convergence == "residual" or len(theta) < 2:
         return bounds
     for i in range(kk):
-        gaps = [abs(theta[i].item() - theta[j].item()) - res[j].item() for j in range(len(theta)) if j != i]
-        gap = min(gaps)
+        gap = min(abs(theta[i].item() - theta[j].item()) for j in range(len(theta)) if j != i)
         if gap > 0:
             bounds[i] = min(res[i].item(), res[i].item() ** 2 / gap)
     return bounds

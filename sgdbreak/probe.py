@@ -227,14 +227,17 @@ class Probe:
         v = v / v.norm()
         m = self.num_examples // num_groups
         perm = torch.randperm(self.num_examples, generator=generator)
-        quotients = []
+        groups = [perm[g * m : (g + 1) * m] for g in range(num_groups)]
         with self.measuring():
-            for g in range(num_groups):
-                idx = perm[g * m : (g + 1) * m]
-                op = HessianOperator(lambda idx=idx: self.loss_of_indices(idx), self.params)
-                quotients.append(op.rayleigh_quotient(v))
-        q = torch.tensor(quotients, dtype=torch.float64)
+            q = self._group_rayleigh_quotients(v, groups)
         return float(m * q.var(unbiased=True))
+
+    def _group_rayleigh_quotients(self, v: Tensor, groups: list[Tensor]) -> Tensor:
+        """vᵀH_g v for the mean loss of each group of probe indices (float64, CPU)."""
+        return torch.tensor([
+            HessianOperator(lambda idx=idx: self.loss_of_indices(idx), self.params).rayleigh_quotient(v)
+            for idx in groups
+        ], dtype=torch.float64)
 
     # ------------------------------------------------------------------ gradients
     def gradient(self) -> Tensor:

@@ -81,7 +81,9 @@ class Adaptive:
     than ``change`` (relative) since the previous one, and grows by ``factor`` otherwise,
     within [``min_every``, ``max_every``]. A cheap-signal alarm (``stability_ratio_update``
     at or above ``alarm``) brings the next measurement forward to ``min_every`` steps
-    until break-even has been detected (``observe`` sees the monitor's records).
+    until break-even has been detected (``observe`` sees the monitor's records). After
+    break-even the interval grows by ``factor`` at every measurement: λ1^H then hovers
+    noisily near 2/η and would otherwise keep the cadence dense.
     """
 
     def __init__(
@@ -119,7 +121,10 @@ class Adaptive:
         self.settled = self.settled or break_even_reached
         if self.key in record:
             value = float(record[self.key])
-            if self.previous is not None and self.previous != 0:
+            if self.settled:
+                # Past break-even λ1^H hovers noisily near 2/η: back off regardless.
+                self.interval = min(self.max_every, self.interval * self.factor)
+            elif self.previous is not None and self.previous != 0:
                 moved = abs(value - self.previous) / abs(self.previous)
                 scale = 1 / self.factor if moved > self.change else self.factor
                 self.interval = min(self.max_every, max(self.min_every, self.interval * scale))
