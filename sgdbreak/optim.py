@@ -98,6 +98,11 @@ class BreakEvenSGD(torch.optim.SGD):
         return None if self.monitor is None else self.monitor.latest
 
     @property
+    def latest_full(self) -> Mapping[str, float] | None:
+        """The last full measurement (one holding ``lambda1_H``), or None."""
+        return None if self.monitor is None else self.monitor.latest_full
+
+    @property
     def history(self) -> list[dict[str, float]]:
         """All measurement records so far."""
         return [] if self.monitor is None else self.monitor.history

@@ -141,6 +141,7 @@ def test_records_have_glossary_keys_and_stability_ratio():
     cheap_only = [r for r in opt.history if "lambda1_H" not in r]
     assert cheap_only and all("update_sharpness" in r for r in cheap_only)
     assert opt.latest is opt.history[-1]
+    assert opt.latest_full is full[-1]
 
 
 def test_lambda1_matches_direct_estimate():
