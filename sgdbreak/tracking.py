@@ -621,7 +621,45 @@ def _histogram(wandb: Any, values: list[float]) -> Any:
     return wandb.Histogram(values, num_bins=min(64, max(8, len(values))))
 
 
-class WandbLogger:
+class _Bookkeeping:
+    """What both tracker loggers remember: records, events and the last logged step.
+
+    W&B refuses steps older than the last one, so markers are logged at
+    ``max(step, last step)``; the summary at close is computed from the remembered records.
+    """
+
+    def _init_bookkeeping(self) -> None:
+        self._last_step: int | None = None
+        self._records: list[dict] = []
+        self._events: list[dict] = []
+
+    def _remember_record(self, record: Mapping[str, Any], step: int | None) -> None:
+        if step is not None:
+            self._last_step = step if self._last_step is None else max(self._last_step, step)
+        self._records.append(_to_jsonable(dict(record)))
+
+    @staticmethod
+    def _check_event(event: Any) -> None:
+        if not isinstance(event, Mapping) or "event" not in event:
+            raise ValueError(f"event must be a mapping with an 'event' key, got {event!r}")
+
+    def _remember_event(self, event: Mapping[str, Any]) -> bool:
+        """Store ``event``; True when it is the first break-even event."""
+        self._events.append(_to_jsonable(dict(event)))
+        return event["event"] == "break_even" and sum(e.get("event") == "break_even" for e in self._events) == 1
+
+    def _marker_step(self, event: Mapping[str, Any]) -> tuple[int, int] | None:
+        """(break-even step, step to log its marker at), or None without a step."""
+        step = _number(event.get("step"))
+        if step is None:
+            return None
+        step = int(step)
+        at = step if self._last_step is None else max(step, self._last_step)
+        self._last_step = at
+        return step, at
+
+
+class WandbLogger(_Bookkeeping):
     """Logger that sends measurements and events to Weights & Biases.
 
     Scalars are logged under their glossary names at W&B step = ``record["step"]`` (the
@@ -666,9 +704,7 @@ class WandbLogger:
         self.run: Any = None
         self.mode: str | None = None
         self._owns_run = False
-        self._last_step: int | None = None
-        self._records: list[dict] = []
-        self._events: list[dict] = []
+        self._init_bookkeeping()
         self._spectrum_history: dict[str, list[tuple[int, list[float]]]] = {}
         self._settings_logged = False
         self._closed = False
@@ -729,29 +765,22 @@ class WandbLogger:
                 self.run.config.update(settings, allow_val_change=True)
                 self._settings_logged = True
         self.run.log(scalars, step=step)
-        if step is not None:
-            self._last_step = step if self._last_step is None else max(self._last_step, step)
-        self._records.append(_to_jsonable(dict(record)))
+        self._remember_record(record, step)
 
     def log_event(self, event: Mapping[str, Any]) -> None:
         """Record an event: break-even in the run summary plus a marker, others counted."""
-        if not isinstance(event, Mapping) or "event" not in event:
-            raise ValueError(f"event must be a mapping with an 'event' key, got {event!r}")
+        self._check_event(event)
         if self.run is None or self._closed:
             return
-        self._events.append(_to_jsonable(dict(event)))
+        first_break_even = self._remember_event(event)
         kind = str(event["event"])
-        counts = Counter(str(e.get("event")) for e in self._events)
-        self.run.summary[f"events/{kind}"] = counts[kind]
-        if kind != "break_even" or counts[kind] > 1:
+        self.run.summary[f"events/{kind}"] = Counter(str(e.get("event")) for e in self._events)[kind]
+        if not first_break_even:
             return
         self.run.summary.update(_break_even_fields(event))
-        step = _number(event.get("step"))
-        if step is not None:
-            step = int(step)
-            at = step if self._last_step is None else max(step, self._last_step)
-            self.run.log({"break_even": step}, step=at)
-            self._last_step = at
+        marker = self._marker_step(event)
+        if marker is not None:
+            self.run.log({"break_even": marker[0]}, step=marker[1])
 
     def close(self) -> None:
         """Write the summary peaks and spectrum charts; finish the run if we started it."""
@@ -786,7 +815,7 @@ class WandbLogger:
         self.close()
 
 
-class AccelerateLogger:
+class AccelerateLogger(_Bookkeeping):
     """Logger that forwards to ``accelerator.log`` (every Accelerate tracker).
 
     Works with any tracker the accelerator was given (``log_with="wandb"``, TensorBoard,
@@ -806,9 +835,7 @@ class AccelerateLogger:
     def __init__(self, accelerator: Any, *, spectra: bool = True) -> None:
         self.accelerator = accelerator
         self.spectra = bool(spectra)
-        self._last_step: int | None = None
-        self._records: list[dict] = []
-        self._events: list[dict] = []
+        self._init_bookkeeping()
         self._closed = False
 
     @property
@@ -848,26 +875,18 @@ class AccelerateLogger:
             hists = {f"spectrum/{k}": _histogram(wandb, v) for k, v in spectra.items()}
             for run in runs:
                 run.log(hists, step=step)
-        if step is not None:
-            self._last_step = step if self._last_step is None else max(self._last_step, step)
-        self._records.append(_to_jsonable(dict(record)))
+        self._remember_record(record, step)
 
     def log_event(self, event: Mapping[str, Any]) -> None:
         """Log a break-even marker and W&B summary fields; other events are counted."""
-        if not isinstance(event, Mapping) or "event" not in event:
-            raise ValueError(f"event must be a mapping with an 'event' key, got {event!r}")
+        self._check_event(event)
         if not self._main or self._closed:
             return
-        self._events.append(_to_jsonable(dict(event)))
-        first = sum(e.get("event") == "break_even" for e in self._events) == 1
-        if event["event"] != "break_even" or not first:
+        if not self._remember_event(event):
             return
-        step = _number(event.get("step"))
-        if step is not None:
-            step = int(step)
-            at = step if self._last_step is None else max(step, self._last_step)
-            self.accelerator.log({"break_even": step}, step=at)
-            self._last_step = at
+        marker = self._marker_step(event)
+        if marker is not None:
+            self.accelerator.log({"break_even": marker[0]}, step=marker[1])
         for run in self._wandb_runs():
             run.summary.update(_break_even_fields(event))
 
