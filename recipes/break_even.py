@@ -157,13 +157,19 @@ def train_one(lr: float, args, x, y, accelerator, run_dir: Path) -> dict:
         bar.close()
     for logger in loggers:
         logger.close()
-    if args.report_to != "none":
-        accelerator.end_training()
+    finish_trackers(accelerator)
     # The run directory also holds the accuracy records: summarise from it where it exists.
     summary = read_run(run_dir).summary if accelerator.is_main_process else None
     summary = summary or summarize(inner.history, inner.monitor.events)
     summary.update(lr=lr, seconds=time.perf_counter() - start)
     return summary
+
+
+def finish_trackers(accelerator) -> None:
+    """End this run's trackers but keep the process group: the next learning rate reuses it."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
 
 
 def fmt(value, spec=".3g") -> str:
@@ -182,9 +188,10 @@ def main(argv=None) -> int:
     summaries = []
     for lr in args.lr:
         summaries.append(train_one(lr, args, x, y, accelerator, out / f"lr_{lr:g}"))
+    accelerator.end_training()  # destroys the process group: gloo can abort at exit otherwise
     if not accelerator.is_main_process:
         return 0
-    print("\nBreak-even measurement: SimpleCNN on", args.dataset, f"({len(x)} examples, batch {args.batch_size})")
+    print("\nBreak-even measurement: SimpleCNN on", args.dataset, f"({len(x)} examples, batch {args.batch_size} × {accelerator.num_processes} processes)")
     header = f"{'lr':>8} {'max λ1^H':>10} {'(smoothed)':>10} {'max λ1^K':>10} {'(smoothed)':>10} " \
              f"{'max TrK/λ1K':>11} {'break-even':>10} {'rule':>24} {'train acc':>9} {'sec':>6}"
     print(header)

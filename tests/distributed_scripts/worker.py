@@ -177,6 +177,7 @@ def main() -> None:
 
     torch.save(result, out_dir / f"rank{rank}.pt")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group: no gloo abort at exit
 
 
 if __name__ == "__main__":
