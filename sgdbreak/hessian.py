@@ -247,7 +247,8 @@ def eigenvalues_of_operator(
     res = run(operator, dim, k, which=which, tol=tol, max_matvecs=max_hvps, init=init,
               dtype=dtype, device=device, generator=generator, **solver_kwargs)
     return HessianEigenResult(res.eigenvalues, res.eigenvectors, res.residuals, res.num_matvecs,
-                              res.converged, res.error_bounds, res.restart_vectors, loss=loss)
+                              res.converged, res.error_bounds, res.restart_vectors, res.estimates,
+                              loss=loss)
 
 
 def hessian_eigenvalues(

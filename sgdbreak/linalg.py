@@ -39,6 +39,9 @@ class EigenResult:
         restart_vectors: the top Ritz vectors (up to k + 2) of the final basis: the warm
             start for the next measurement (more than k, so a swap of the top
             eigenvectors between measurements is caught by the Rayleigh-Ritz step).
+        estimates: ``(products so far, first Ritz value)`` after every Rayleigh-Ritz
+            step of :func:`lanczos` (empty for :func:`power_iteration`): how fast the
+            estimate converged, as opposed to when the stopping test fired.
     """
 
     eigenvalues: Tensor
@@ -48,6 +51,7 @@ class EigenResult:
     converged: bool
     error_bounds: Tensor
     restart_vectors: Tensor | None = None
+    estimates: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,7 @@ def lanczos(
 
     num = 0
     best = None
+    estimates: list[tuple[int, float]] = []
     while True:
         # Multiply the next pending vector and extend the projected matrix.
         v = pending.pop(0)
@@ -230,6 +235,7 @@ def lanczos(
         order = _order(theta, which)
         theta, Y = theta[order], Y[:, order]
         kk = min(k, m)
+        estimates.append((num, theta[0].item()))
         # Ritz pairs k and k+1 too: their residuals make the gap estimate honest, and
         # they are kept as the next warm start (eigenvectors swap order during training).
         nr = min(m, k + 2)
@@ -260,7 +266,8 @@ def lanczos(
     theta, ritz, res, bounds = best
     if len(theta) < k:  # dim == m < k cannot happen (k <= dim); guard anyway
         raise RuntimeError("Lanczos ended with fewer Ritz pairs than requested")
-    return EigenResult(theta, ritz[:k], res[:k], num, converged, bounds, restart_vectors=ritz)
+    return EigenResult(theta, ritz[:k], res[:k], num, converged, bounds, restart_vectors=ritz,
+                       estimates=tuple(estimates))
 
 
 def _error_bounds(theta: Tensor, res: Tensor, kk: int, convergence: str) -> Tensor:

@@ -73,6 +73,20 @@ def test_thick_restart_bounds_basis_and_still_converges():
     torch.testing.assert_close(res.eigenvalues, torch.tensor([5.0, 4.0], dtype=torch.float64))
 
 
+def test_estimates_trace_the_convergence_of_the_top_ritz_value():
+    ev = torch.tensor([5.0, 4.0] + list(np.linspace(-1, 1, 98)), dtype=torch.float64)
+    A = symmetric_matrix_with_spectrum(ev, generator=gen(4))
+    res = lanczos(op(A), 100, 1, tol=1e-9, max_matvecs=300, max_basis=8, dtype=torch.float64, generator=gen())
+    products = [n for n, _ in res.estimates]
+    values = [t for _, t in res.estimates]
+    assert products == list(range(1, res.num_matvecs + 1))
+    # Rayleigh-Ritz on nested subspaces (thick restarts keep the best Ritz vectors): the
+    # top Ritz value only grows, stays below λ1 and ends at the returned eigenvalue.
+    assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
+    assert max(values) <= 5.0 + 1e-12 and values[-1] == res.eigenvalues[0].item()
+    assert power_iteration(op(A), 100, 1, tol=1e-3, dtype=torch.float64, generator=gen()).estimates == ()
+
+
 def test_warm_start_needs_far_fewer_products():
     ev = torch.tensor([3.0, 2.7, 2.5] + list(np.linspace(-1.5, 1.5, 197)), dtype=torch.float64)
     A = symmetric_matrix_with_spectrum(ev, generator=gen(5))
