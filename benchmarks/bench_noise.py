@@ -5,7 +5,8 @@ is its own:
   sgd          one torch.optim.SGD step, batch 128 (the unit)
   microbatch   the paper's setting: L = 20 micro-batch gradients of M = 128, + spectrum
   per_example  exact per-example gradients (torch.func) of 1,000 probe examples, + spectrum
-  sketched     per-example gradients of 1,000 examples through a CountSketch to 4,096 dims
+  sketched     per-example gradients of 1,000 examples through a CountSketch to 4,096 dims,
+               applied chunk by chunk (the (N, D) rows are never formed)
 
     python benchmarks/bench_noise.py [--repeat 3]
 """
@@ -53,9 +54,8 @@ def child(variant: str, repeat: int) -> None:
 
     def per_example(sk=None):
         model.eval()  # SimpleCNN has no BN; eval only to be explicit
-        s = per_example_gradients(model, crit, px[:1000], py[:1000], chunk_size=100)
-        if sk is not None:
-            s = sk(s)
+        # With a sketch, each chunk of 100 rows is sketched as soon as it is computed.
+        s = per_example_gradients(model, crit, px[:1000], py[:1000], chunk_size=100, sketch=sk)
         return covariance_spectrum(s, k=5)
 
     fn = {"sgd": sgd, "microbatch": microbatch, "per_example": per_example,

@@ -451,10 +451,10 @@ class DistributedProbe(Probe):
         class); the global indices of the batches are kept in ``last_batches``.
         Communication: one all-reduce of the ``(L, D)`` rows (``(L, m)`` with a sketch).
         ``method="per_example"``: the ``N`` per-example gradients, all-gathered in global
-        order (``N·D`` values: small models only).
+        order (``N·D`` values, ``N·m`` with a sketch).
         """
         if method == "per_example":
-            local = super().gradient_samples(method="per_example")
+            local = super().gradient_samples(method="per_example", sketch=sketch)
             rows = self._comm.gather(local)  # (P, n, D); global g = s + P·l
             return rows.transpose(0, 1).reshape(self.num_examples, -1)
         if method != "microbatch":

@@ -260,7 +260,9 @@ class Probe:
         mean losses over random batches of ``batch_size`` probe examples; their covariance
         is K / batch_size. ``method="per_example"``: exact per-example gradients of every
         probe example (``torch.func``); refused for BatchNorm in train mode, where a
-        per-example gradient has no meaning.
+        per-example gradient has no meaning. ``sketch``: a linear map applied to each
+        gradient (micro-batch) or chunk of gradients (per-example) as soon as it exists,
+        so the (L, D) samples are never formed.
         """
         from . import samples
 
@@ -279,6 +281,7 @@ class Probe:
                 return samples.per_example_gradients(
                     self.model, self.criterion, self.inputs.to(self.device), self.targets.to(self.device),
                     params=self.params, chunk_size=self.chunk_size, forward=self.forward,
+                    sketch=sketch,
                 )
         raise ValueError(f"method must be 'microbatch' or 'per_example', got {method!r}")
 

@@ -248,6 +248,7 @@ def per_example_gradients(
     params: Iterable[Tensor] | None = None,
     chunk_size: int = 64,
     forward: Callable[[nn.Module, object], Tensor] | None = None,
+    sketch: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Exact per-example gradients, one row per example, with ``torch.func``.
 
@@ -268,9 +269,12 @@ def per_example_gradients(
         chunk_size: Examples per ``vmap`` call (bounds memory).
         forward: Optional ``forward(model, inputs) -> outputs`` replacing ``model(inputs)``,
             called with a batch of one.
+        sketch: Optional linear map ``(n, D) -> (n, m)`` (e.g.
+            :class:`~sgdbreak.noise.CountSketch`) applied to each chunk as soon as it is
+            computed, so memory is ``chunk_size·D + N·m`` instead of ``N·D``.
 
     Returns:
-        ``(N, D)`` tensor.
+        ``(N, D)`` tensor (``(N, m)`` with a sketch).
 
     Raises:
         ValueError: BatchNorm in train mode (per-example gradients are undefined with batch
@@ -337,11 +341,17 @@ def per_example_gradients(
         torch.func.grad(loss_one), in_dims=(None, 0, 0), randomness="different"
     )
     keys = list(diff)
-    dim = sum(p.numel() for _, p in chosen)
-    first = chosen[0][1]
-    result = torch.empty(num, dim, dtype=first.dtype, device=first.device)
+    result: Tensor | None = None
     for start in range(0, num, chunk_size):
         stop = min(num, start + chunk_size)
         grads = per_example(diff, tuple(t[start:stop] for t in batched), targets[start:stop])
-        result[start:stop] = torch.cat([grads[k].reshape(stop - start, -1) for k in keys], dim=1)
+        rows = torch.cat([grads[k].reshape(stop - start, -1) for k in keys], dim=1)
+        del grads
+        if sketch is not None:
+            rows = sketch(rows)
+            if rows.dim() != 2 or rows.shape[0] != stop - start:
+                raise ValueError(f"sketch must map (n, D) to (n, m), got shape {tuple(rows.shape)}")
+        if result is None:
+            result = torch.empty(num, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        result[start:stop] = rows
     return result

@@ -461,3 +461,25 @@ def test_sketched_samples_estimate_the_spectrum_within_the_documented_error():
     rms = float(np.sqrt(np.mean(np.square(errors))))
     assert rms <= (2 / m) ** 0.5 * exact.trace
     assert rms > 0  # the sketch is not the identity
+
+
+def test_probe_per_example_samples_through_a_sketch_never_form_the_dense_rows():
+    from torch import nn
+
+    from sgdbreak import Probe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(30, 6, dtype=torch.float64), torch.randint(0, 3, (30,))
+    probe = Probe(model, nn.CrossEntropyLoss(), (x, y), chunk_size=7)
+    sketch = CountSketch(probe.dim, 12, seed=3)
+    widths = []
+
+    def recording(rows):
+        widths.append(tuple(rows.shape))
+        return sketch(rows)
+
+    small = probe.gradient_samples(method="per_example", sketch=recording)
+    dense = probe.gradient_samples(method="per_example")
+    assert small.shape == (30, 12) and max(w[0] for w in widths) == 7
+    torch.testing.assert_close(small, sketch(dense), rtol=1e-10, atol=1e-12)

@@ -211,6 +211,25 @@ def test_per_example_matches_a_python_loop(chunk_size):
     torch.testing.assert_close(out.mean(0), full, rtol=1e-10, atol=1e-12)
 
 
+def test_per_example_sketch_is_applied_chunk_by_chunk():
+    model, (x, y) = _mlp(), _data()
+    crit = nn.CrossEntropyLoss()
+    dim = sum(p.numel() for p in model.parameters())
+    sketch = CountSketch(dim, 16, seed=0)
+    seen = []
+
+    def recording(rows):
+        seen.append(rows.shape[0])
+        return sketch(rows)
+
+    dense = per_example_gradients(model, crit, x, y, chunk_size=5)
+    small = per_example_gradients(model, crit, x, y, chunk_size=5, sketch=recording)
+    assert small.shape == (23, 16) and seen == [5, 5, 5, 5, 3]  # never all 23 rows at once
+    torch.testing.assert_close(small, sketch(dense), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="sketch must map"):
+        per_example_gradients(model, crit, x, y, sketch=lambda rows: rows.sum(0))
+
+
 def test_per_example_params_subset_in_given_order_and_p_grad_untouched():
     model, (x, y) = _mlp(), _data()
     crit = nn.CrossEntropyLoss()
