@@ -11,6 +11,7 @@ samplers read ``monitor.latest`` / ``monitor.break_even``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import warnings
@@ -26,7 +27,7 @@ from . import breakeven as be
 from .hessian import HessianOperator, eigenvalues_of_operator
 from .linalg import hutchinson_trace
 from .probe import Probe
-from .triggers import Adaptive, as_trigger
+from .triggers import Adaptive, DenseUntilBreakEven, as_trigger
 
 MEASUREMENTS = ("hessian", "trace", "noise", "curvature_variance", "alpha_star", "bn_gamma_norm")
 DEFAULT_MEASUREMENTS = ("hessian", "noise", "bn_gamma_norm")
@@ -45,7 +46,10 @@ class BreakEvenMonitor:
         cheap_every: trigger for the cheap signal (three forward passes on
             ``cheap_examples`` probe examples along the actual update: ``update_sharpness``
             and ``critical_sharpness``, calibrated against λ1^H into
-            ``stability_ratio_update``). Default every 10 steps; None disables it.
+            ``stability_ratio_update``). Default
+            :class:`~sgdbreak.triggers.DenseUntilBreakEven`: every 10 steps until
+            break-even is detected, every 50 after; an int n means every n steps
+            throughout; None disables it.
         measurements: which full measurements to take, from
             ``("hessian", "trace", "noise", "curvature_variance", "alpha_star", "bn_gamma_norm")``.
             ``curvature_variance`` (s², Eq. 1) needs ``dataset_size`` and ``batch_size``.
@@ -79,7 +83,7 @@ class BreakEvenMonitor:
         *,
         optimizer: torch.optim.Optimizer | None = None,
         measure_every: Any = "default",
-        cheap_every: Any = 10,
+        cheap_every: Any = "default",
         measurements: Iterable[str] = DEFAULT_MEASUREMENTS,
         hessian_k: int = 1,
         hessian_tol: float = 1e-3,
@@ -105,7 +109,8 @@ class BreakEvenMonitor:
         self.probe = probe
         self.optimizer = optimizer
         self.measure_trigger = Adaptive() if measure_every == "default" else as_trigger(measure_every)
-        self.cheap_trigger = as_trigger(cheap_every, "cheap_every")
+        self.cheap_trigger = (DenseUntilBreakEven() if cheap_every == "default"
+                              else as_trigger(cheap_every, "cheap_every"))
         self.measurements = tuple(measurements)
         unknown = set(self.measurements) - set(MEASUREMENTS)
         if unknown:
@@ -303,13 +308,9 @@ class BreakEvenMonitor:
         reached_before = self.detector.result.reached
         self.detector.update(record)
         self.history.append(record)
-        observe = getattr(self.measure_trigger, "observe", None)
         result = self.detector.result
-        if observe is not None:
-            if isinstance(self.measure_trigger, Adaptive):
-                observe(record, break_even_reached=result.reached)
-            else:
-                observe(record)
+        for trigger in (self.measure_trigger, self.cheap_trigger):
+            _observe(trigger, record, result.reached)
         for logger in self.loggers:
             logger.log_measurement(record)
         for fn in list(self._measurement_hooks.values()):
@@ -503,6 +504,21 @@ class BreakEvenMonitor:
         """Close the loggers (writes summaries)."""
         for logger in self.loggers:
             logger.close()
+
+
+def _observe(trigger, record: Mapping[str, float], reached: bool) -> None:
+    """Show a trigger the new record, and whether break-even is reached if it asks."""
+    observe = getattr(trigger, "observe", None)
+    if observe is None:
+        return
+    try:
+        wants = "break_even_reached" in inspect.signature(observe).parameters
+    except (TypeError, ValueError):
+        wants = False
+    if wants:
+        observe(record, break_even_reached=reached)
+    else:
+        observe(record)
 
 
 def last_batchnorm_weight(model: nn.Module) -> Tensor | None:

@@ -2,7 +2,8 @@
 
 A trigger is any callable taking the number of completed optimizer steps and returning
 whether to measure after that step. Triggers may also define ``observe(record)`` to
-adapt to measurements and ``state_dict`` / ``load_state_dict`` to resume exactly.
+adapt to measurements (the monitor also passes ``break_even_reached=`` when the method
+accepts it) and ``state_dict`` / ``load_state_dict`` to resume exactly.
 """
 
 from __future__ import annotations
@@ -32,6 +33,35 @@ class Every:
 
     def __repr__(self) -> str:
         return f"Every({self.n}, offset={self.offset})"
+
+
+class DenseUntilBreakEven:
+    """Fire every ``every`` steps until break-even is detected, then every ``after`` steps.
+
+    The monitor's default for the cheap signal: between full measurements it is what
+    detects break-even early; once break-even is past, it is only logged (and, with large
+    steps, spikes), so it runs ``after / every`` times less often.
+    """
+
+    def __init__(self, every: int = 10, after: int = 50):
+        self.every = _positive_int("every", every)
+        self.after = _positive_int("after", after)
+        self.settled = False
+
+    def __call__(self, step: int) -> bool:
+        return step >= 1 and step % (self.after if self.settled else self.every) == 0
+
+    def observe(self, record: Mapping[str, float], *, break_even_reached: bool = False) -> None:
+        self.settled = self.settled or break_even_reached
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"settled": self.settled}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.settled = bool(state["settled"])
+
+    def __repr__(self) -> str:
+        return f"DenseUntilBreakEven(every={self.every}, after={self.after})"
 
 
 class LogSpaced:
@@ -82,8 +112,8 @@ class Adaptive:
     within [``min_every``, ``max_every``]. A cheap-signal alarm (``stability_ratio_update``
     at or above ``alarm``) brings the next measurement forward to ``min_every`` steps
     until break-even has been detected (``observe`` sees the monitor's records). After
-    break-even the interval grows by ``factor`` at every measurement: λ1^H then hovers
-    noisily near 2/η and would otherwise keep the cadence dense.
+    break-even the interval grows by ``settled_factor`` at every measurement: λ1^H then
+    hovers noisily near 2/η and would otherwise keep the cadence dense.
     """
 
     def __init__(
@@ -93,6 +123,7 @@ class Adaptive:
         min_every: int = 10,
         max_every: int = 1000,
         factor: float = 2.0,
+        settled_factor: float = 4.0,
         change: float = 0.25,
         alarm: float | None = 0.5,
         key: str = "lambda1_H",
@@ -102,8 +133,10 @@ class Adaptive:
         self.max_every = _positive_int("max_every", max_every)
         if self.max_every < self.min_every:
             raise ValueError(f"max_every={max_every} must be >= min_every={min_every}")
-        if not factor > 1:
-            raise ValueError(f"factor must be > 1, got {factor!r}")
+        for name, value in (("factor", factor), ("settled_factor", settled_factor)):
+            if not (isinstance(value, int | float) and value > 1):
+                raise ValueError(f"{name} must be > 1, got {value!r}")
+        self.settled_factor = float(settled_factor)
         if not change > 0:
             raise ValueError(f"change must be > 0, got {change!r}")
         self.factor, self.change, self.alarm, self.key = float(factor), float(change), alarm, key
@@ -123,7 +156,7 @@ class Adaptive:
             value = float(record[self.key])
             if self.settled:
                 # Past break-even λ1^H hovers noisily near 2/η: back off regardless.
-                self.interval = min(self.max_every, self.interval * self.factor)
+                self.interval = min(self.max_every, self.interval * self.settled_factor)
             elif self.previous is not None and self.previous != 0:
                 moved = abs(value - self.previous) / abs(self.previous)
                 scale = 1 / self.factor if moved > self.change else self.factor
@@ -154,7 +187,8 @@ class Adaptive:
         self.settled = bool(state["settled"])
 
     def __repr__(self) -> str:
-        return f"Adaptive(min_every={self.min_every}, max_every={self.max_every}, factor={self.factor})"
+        return (f"Adaptive(min_every={self.min_every}, max_every={self.max_every}, factor={self.factor}, "
+                f"settled_factor={self.settled_factor})")
 
 
 def as_trigger(value, name: str = "measure_every") -> Trigger | None:

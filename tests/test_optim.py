@@ -212,6 +212,25 @@ def test_hooks_fire_and_are_removable():
     assert opt.monitor.events[0]["event"] == "break_even"
 
 
+def test_default_cadence_thins_out_after_break_even():
+    model = make_model(bn=False)
+    x, y = make_data()
+    detector = BreakEvenDetector(rules=("stability",), stability_keys=("stability_ratio",), stability_threshold=1e-9)
+    opt = BreakEvenSGD(model.parameters(), lr=0.1, probe=Probe(model, nn.CrossEntropyLoss(), (x, y)),
+                       measurements=("hessian",), detector=detector)
+    for _ in range(120):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert opt.break_even.step == 1
+    full = [r["step"] for r in opt.history if "lambda1_H" in r]
+    cheap_only = [r["step"] for r in opt.history if "lambda1_H" not in r]
+    # Adaptive: next full measurement 10 · 4 steps later, then 160; cheap signal every 50.
+    assert full == [1, 41] and cheap_only == [50, 100]
+    state = opt.monitor.state_dict()["triggers"]
+    assert state["cheap"] == {"settled": True} and state["measure"]["settled"]
+
+
 def test_non_finite_probe_loss_is_skipped_without_corruption():
     model = make_model(bn=False)
     x, y = make_data()

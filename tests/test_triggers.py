@@ -2,7 +2,7 @@
 
 import pytest
 
-from sgdbreak.triggers import Adaptive, Every, LogSpaced, PerEpoch, as_trigger
+from sgdbreak.triggers import Adaptive, DenseUntilBreakEven, Every, LogSpaced, PerEpoch, as_trigger
 
 
 def fired(trigger, n=100):
@@ -52,7 +52,26 @@ def test_adaptive_alarm_brings_measurement_forward_until_break_even():
     trig.observe({"step": 50, "stability_ratio_update": 3.0})
     assert trig.next_step > 50 + 10  # no alarm after break-even
     trig.observe({"step": trig.next_step, "lambda1_H": 10.0})  # a jump no longer shrinks it
-    assert trig.interval == min(1000, interval * 2)
+    assert trig.interval == min(1000, interval * trig.settled_factor) == 640
+
+
+def test_dense_until_break_even_thins_out_after_detection_and_resumes():
+    trig = DenseUntilBreakEven(every=10, after=50)
+    assert fired(trig, 60) == [10, 20, 30, 40, 50, 60]
+    trig.observe({"step": 60, "lambda1_H": 1.0})
+    assert trig(70)
+    trig.observe({"step": 70}, break_even_reached=True)
+    assert fired(trig, 200)[-3:] == [100, 150, 200] and not trig(110)
+    trig.observe({"step": 80}, break_even_reached=False)  # stays settled
+    assert not trig(110)
+    resumed = DenseUntilBreakEven(every=10, after=50)
+    resumed.load_state_dict(trig.state_dict())
+    assert fired(resumed, 300) == fired(trig, 300)
+    for bad in ({"every": 0}, {"after": -5}):
+        with pytest.raises(ValueError):
+            DenseUntilBreakEven(**bad)
+    with pytest.raises(ValueError, match="settled_factor"):
+        Adaptive(settled_factor=1.0)
 
 
 def test_adaptive_state_round_trip():
