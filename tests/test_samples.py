@@ -75,30 +75,12 @@ def test_microbatch_draws_independent_batches_when_they_cannot_be_disjoint():
 
 def test_microbatch_is_reproducible_with_a_generator():
     model, (x, y) = _mlp(), _data()
-    a = microbatch_gradients(
-        _recording_loss(model, x, y, []),
-        model.parameters(),
-        23,
-        batch_size=3,
-        num_samples=4,
-        generator=torch.Generator().manual_seed(7),
-    )
-    b = microbatch_gradients(
-        _recording_loss(model, x, y, []),
-        model.parameters(),
-        23,
-        batch_size=3,
-        num_samples=4,
-        generator=torch.Generator().manual_seed(7),
-    )
-    c = microbatch_gradients(
-        _recording_loss(model, x, y, []),
-        model.parameters(),
-        23,
-        batch_size=3,
-        num_samples=4,
-        generator=torch.Generator().manual_seed(8),
-    )
+
+    def draw(seed):
+        return microbatch_gradients(_recording_loss(model, x, y, []), model.parameters(), 23,
+                                    batch_size=3, num_samples=4, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = draw(7), draw(7), draw(8)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
