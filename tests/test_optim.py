@@ -231,6 +231,34 @@ def test_default_cadence_thins_out_after_break_even():
     assert state["cheap"] == {"settled": True} and state["measure"]["settled"]
 
 
+def test_user_triggers_observe_records_with_or_without_break_even_flag():
+    class Plain:
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, step):
+            return step % 2 == 0
+
+        def observe(self, record):
+            self.seen.append(record["step"])
+
+    class Flagged(Plain):
+        def observe(self, record, *, break_even_reached=False):
+            self.seen.append((record["step"], break_even_reached))
+
+    model = make_model(bn=False)
+    x, y = make_data()
+    detector = BreakEvenDetector(rules=("stability",), stability_keys=("stability_ratio",), stability_threshold=1e-9)
+    plain, flagged = Plain(), Flagged()
+    opt = BreakEvenSGD(model.parameters(), lr=0.1, probe=Probe(model, nn.CrossEntropyLoss(), (x, y)),
+                       measure_every=plain, cheap_every=flagged, measurements=("hessian",), detector=detector)
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert plain.seen == [2, 4] and flagged.seen == [(2, True), (4, True)]
+
+
 def test_non_finite_probe_loss_is_skipped_without_corruption():
     model = make_model(bn=False)
     x, y = make_data()
