@@ -5,7 +5,7 @@ Trajectories of Deep Neural Networks" (ICLR 2020). ``import sgdbreak`` pulls in 
 numpy and scipy only; integrations (Accelerate, W&B, matplotlib) load lazily.
 """
 
-from . import triggers
+from . import schedulers, triggers
 from .breakeven import (
     BreakEvenDetector,
     BreakEvenResult,
@@ -32,6 +32,7 @@ from .monitor import BreakEvenMonitor
 from .noise import CovarianceSpectrum, covariance_spectrum, gradient_noise_scale, noise_metrics
 from .optim import BreakEvenSGD
 from .probe import Probe
+from .schedulers import MonitoredLR
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "HessianEigenResult",
     "HessianOperator",
     "HessianTraceResult",
+    "MonitoredLR",
     "Probe",
     "TraceResult",
     "as_linear_operator",
@@ -57,6 +59,7 @@ __all__ = [
     "lanczos",
     "noise_metrics",
     "power_iteration",
+    "schedulers",
     "stability_ratio",
     "stability_threshold",
     "triggers",

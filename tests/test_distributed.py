@@ -244,6 +244,16 @@ def test_skipped_steps_are_not_measured(ranks):
 
 
 @pytest.mark.distributed
+def test_monitored_lr_steps_once_per_optimizer_step_on_every_process(ranks):
+    a, b = ranks[0]["scheduler"], ranks[1]["scheduler"]
+    assert a == b
+    # AcceleratedScheduler called step() twice per training step (two processes).
+    assert a["last_epoch"] == C.SKIP_STEPS
+    assert a["detected_at"] == 2  # the first full measurement
+    assert a["lrs"] == [0.5 * C.LR] + [C.LR] * (C.SKIP_STEPS - 1)
+
+
+@pytest.mark.distributed
 def test_plain_probe_on_two_processes_is_refused_and_ddp_is_unwrapped(ranks):
     assert all(res["plain_probe_refused"] for res in ranks)
     assert all(res["unwraps_ddp"] for res in ranks)

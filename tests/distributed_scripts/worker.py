@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dist_common as C  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from sgdbreak import BreakEvenSGD, Probe, noise_metrics  # noqa: E402
+from sgdbreak import BreakEvenDetector, BreakEvenSGD, MonitoredLR, Probe, noise_metrics  # noqa: E402
 from sgdbreak.distributed import (  # noqa: E402
     DistributedProbe,
     ReplicaNoise,
@@ -142,6 +142,29 @@ def ddp_run(accelerator: Accelerator, steps: int, accum: int, *, save_dir: str |
     }
 
 
+def scheduler_run(accelerator: Accelerator) -> dict:
+    """MonitoredLR through accelerator.prepare: AcceleratedScheduler calls step() once per
+    process on every training step; the schedule must still advance once per step."""
+    model = C.mlp()
+    probe = DistributedProbe(model, C.CRITERION, C.probe_data(), split=True, accelerator=accelerator)
+    detector = BreakEvenDetector(rules=("stability",), stability_keys=("stability_ratio",), stability_threshold=1e-9)
+    opt = BreakEvenSGD(model.parameters(), lr=C.LR, probe=probe, measure_every=2, cheap_every=None,
+                       measurements=("hessian",), hessian_tol=1e-8, seed=3, detector=detector)
+    sched = MonitoredLR(opt, lambda m: 1.0 if m.break_even.reached else 0.5)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    x, y = C.train_data()
+    lrs = []
+    for step in range(C.SKIP_STEPS):
+        idx = C.micro_batches(step, accelerator.num_processes, 1)[(0, accelerator.process_index)]
+        opt.zero_grad()
+        accelerator.backward(C.CRITERION(model(x[idx]), y[idx]))
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    return {"lrs": lrs, "last_epoch": sched.scheduler.last_epoch,
+            "detected_at": opt.optimizer.break_even.detected_at}
+
+
 def main() -> None:
     out_dir = Path(sys.argv[1])
     torch.set_num_threads(1)
@@ -160,6 +183,7 @@ def main() -> None:
     accumulating = Accelerator(cpu=True, gradient_accumulation_steps=2)
     assert accumulating.gradient_accumulation_steps == 2
     result["accumulate"] = ddp_run(accumulating, C.ACCUM_STEPS, 2)
+    result["scheduler"] = scheduler_run(Accelerator(cpu=True))
 
     # A plain Probe on several processes is refused by prepare_monitor.
     model = C.mlp()
