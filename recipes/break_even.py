@@ -190,9 +190,11 @@ def main(argv=None) -> int:
     x, y = load_data(args)
     out = Path(args.output_dir)
     summaries = []
-    for lr in args.lr:
-        summaries.append(train_one(lr, args, x, y, accelerator, out / f"lr_{lr:g}"))
-    accelerator.end_training()  # destroys the process group: gloo can abort at exit otherwise
+    try:
+        for lr in args.lr:
+            summaries.append(train_one(lr, args, x, y, accelerator, out / f"lr_{lr:g}"))
+    finally:
+        accelerator.end_training()  # finish trackers, destroy the process group (gloo can abort at exit otherwise)
     if not accelerator.is_main_process:
         return 0
     print("\nBreak-even measurement: SimpleCNN on", args.dataset, f"({len(x)} examples, batch {args.batch_size} × {accelerator.num_processes} processes)")
