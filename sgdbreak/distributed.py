@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .hessian import HessianOperator, flatten, unflatten
+from .hessian import HessianOperator, flatten
 from .noise import NoiseScaleTracker, covariance_spectrum, two_batch_noise_scale
 from .probe import ChunkedHessianOperator, Probe, _collect
 from .samples import draw_batches
@@ -346,17 +346,8 @@ class DistributedProbe(Probe):
         return self.params[0].reshape(-1)[0] * 0.0
 
     # ------------------------------------------------------------------ losses
-    def chunks(self) -> list[Tensor]:
-        """Positions in this shard of the chunks the local loss is evaluated in."""
-        return list(torch.arange(self.local_num_examples).split(self.chunk_size))
-
-    def loss(self) -> Tensor:
-        """This shard's mean loss (graph built); the mean over processes is the probe loss."""
-        total = None
-        for idx in self.chunks():
-            part = self._local_loss(idx) * (len(idx) / self.local_num_examples)
-            total = part if total is None else total + part
-        return total
+    # ``loss()`` (inherited) is this shard's mean loss; its mean over processes is the
+    # probe loss.
 
     def loss_of_indices(self, indices: Tensor) -> Tensor:
         """This process's share of the mean loss over the global ``indices``.
@@ -402,7 +393,7 @@ class DistributedProbe(Probe):
     def hessian_operator(self, *, hvp: str = "autograd") -> HessianOperator | ChunkedHessianOperator:
         """The Hessian of the global probe loss, all-reduced (call inside :meth:`measuring`)."""
         if hvp == "autograd" and not self.keep_graph and self.chunk_size < self.local_num_examples:
-            return _ShardChunkedHessianOperator(self)
+            return ChunkedHessianOperator(self)
         if hvp == "autograd":
             return HessianOperator(self.loss, self.params, method=hvp, reduce=self.reduce_mean,
                                    loss=self._checked_local_loss())
@@ -531,28 +522,6 @@ def _uneven(mode: str, problem: str, remedy: str) -> None:
             f"{problem}; the global probe mean is the mean of shard means only for equal "
             f"shards: pass equal shards, or uneven='trim' to {remedy}")
     warnings.warn(f"sgdbreak: {problem}; trimming: {remedy}", RuntimeWarning, stacklevel=3)
-
-
-class _ShardChunkedHessianOperator(ChunkedHessianOperator):
-    """Bounded-memory Hessian operator of a :class:`DistributedProbe` (shard chunks, reduced)."""
-
-    def matvec(self, v: Tensor) -> Tensor:
-        if v.shape != (self.dim,):
-            raise ValueError(f"vector must have shape ({self.dim},), got {tuple(v.shape)}")
-        self.num_matvecs += 1
-        probe = self.probe
-        out = torch.zeros_like(v)
-        vs = unflatten(v.to(self.dtype), self.params)
-        for idx in probe.chunks():
-            with torch.enable_grad():
-                loss = probe._local_loss(idx)
-                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-                dot = sum((g * u).sum() for g, u in zip(grads, vs) if g is not None)
-            if not isinstance(dot, Tensor) or not dot.requires_grad:
-                continue
-            hv = torch.autograd.grad(dot, self.params, allow_unused=True)
-            out += flatten(hv, self.params) * (len(idx) / probe.local_num_examples)
-        return self.reduce(out) if self.reduce is not None else out
 
 
 # --------------------------------------------------------------------------- replica noise

@@ -115,6 +115,8 @@ class Probe:
         self.criterion = criterion
         self.inputs, self.targets = _collect(data)
         self.num_examples = len(self.inputs)
+        # Examples this process holds and evaluates (a DistributedProbe: its shard).
+        self.local_num_examples = self.num_examples
         if chunk_size is None:
             chunk_size = self.num_examples
         if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -157,8 +159,12 @@ class Probe:
         return self.params[0].device
 
     def chunks(self) -> list[Tensor]:
-        """Index tensors of the chunks the probe loss is evaluated in."""
-        return list(torch.arange(self.num_examples).split(self.chunk_size))
+        """Positions, among the examples held here, of the chunks the loss is evaluated in."""
+        return list(torch.arange(self.local_num_examples).split(self.chunk_size))
+
+    def _local_loss(self, positions: Tensor) -> Tensor:
+        """Mean loss over ``positions`` of the examples held here (graph built)."""
+        return self.loss_of_indices(positions)
 
     def loss_of_indices(self, indices: Tensor) -> Tensor:
         """Mean loss over the probe examples at ``indices`` (graph built; no mode changes)."""
@@ -167,10 +173,13 @@ class Probe:
         return self.criterion(self.forward(self.model, x), y)
 
     def loss(self) -> Tensor:
-        """Mean loss over the whole probe (chunk losses weighted by chunk size)."""
+        """Mean loss over the examples held here (chunk losses weighted by chunk size).
+
+        The whole probe on one process; a shard's share for a :class:`DistributedProbe`.
+        """
         total = None
         for idx in self.chunks():
-            part = self.loss_of_indices(idx) * (len(idx) / self.num_examples)
+            part = self._local_loss(idx) * (len(idx) / self.local_num_examples)
             total = part if total is None else total + part
         return total
 
@@ -315,12 +324,14 @@ class ChunkedHessianOperator:
         self.num_matvecs += 1
         out = torch.zeros_like(v)
         vs = unflatten(v.to(self.dtype), self.params)
-        for idx in self.probe.chunks():
-            loss = self.probe.loss_of_indices(idx)
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-            dot = sum((g * u).sum() for g, u in zip(grads, vs) if g is not None)
+        probe = self.probe
+        for idx in probe.chunks():
+            with torch.enable_grad():
+                loss = probe._local_loss(idx)
+                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+                dot = sum((g * u).sum() for g, u in zip(grads, vs) if g is not None)
             if not isinstance(dot, Tensor) or not dot.requires_grad:
                 continue
             hv = torch.autograd.grad(dot, self.params, allow_unused=True)
-            out += flatten(hv, self.params) * (len(idx) / self.probe.num_examples)
+            out += flatten(hv, self.params) * (len(idx) / probe.local_num_examples)
         return self.reduce(out) if self.reduce is not None else out
