@@ -18,20 +18,15 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from .distributed import unwrap_optimizer
 from .monitor import BreakEvenMonitor
 
 
 def find_monitor(optimizer: torch.optim.Optimizer) -> BreakEvenMonitor:
     """The monitor behind ``optimizer`` (``BreakEvenSGD`` itself or wrapped by Accelerate)."""
-    seen = optimizer
-    for _ in range(8):  # AcceleratedOptimizer and similar wrappers keep ``.optimizer``
-        monitor = getattr(seen, "monitor", None)
-        if isinstance(monitor, BreakEvenMonitor):
-            return monitor
-        inner = getattr(seen, "optimizer", None)
-        if inner is None or inner is seen:
-            break
-        seen = inner
+    monitor = getattr(unwrap_optimizer(optimizer), "monitor", None)
+    if isinstance(monitor, BreakEvenMonitor):
+        return monitor
     raise ValueError(
         f"{type(optimizer).__name__} has no BreakEvenMonitor: use sgdbreak.BreakEvenSGD with a "
         "probe, or pass monitor= (e.g. BreakEvenMonitor(probe).attach(optimizer))"
