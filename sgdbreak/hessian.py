@@ -207,7 +207,7 @@ def _warm_start_vectors(warm_start, dim: int):
     if warm_start is None:
         return None
     if isinstance(warm_start, EigenResult):
-        return warm_start.restart_vectors if warm_start.restart_vectors is not None else warm_start.eigenvectors
+        return warm_start.start_vectors
     if isinstance(warm_start, Tensor) or isinstance(warm_start, Sequence):
         return warm_start
     raise TypeError(

@@ -53,6 +53,11 @@ class EigenResult:
     restart_vectors: Tensor | None = None
     estimates: tuple[tuple[int, float], ...] = ()
 
+    @property
+    def start_vectors(self) -> Tensor:
+        """What a warm start begins from: ``restart_vectors`` where kept, else the eigenvectors."""
+        return self.restart_vectors if self.restart_vectors is not None else self.eigenvectors
+
 
 @dataclass(frozen=True)
 class TraceResult:
@@ -109,7 +114,7 @@ def _as_start_block(init, dim: int, dtype, device) -> list[Tensor]:
     if init is None:
         return []
     if isinstance(init, EigenResult):
-        init = init.restart_vectors if init.restart_vectors is not None else init.eigenvectors
+        init = init.start_vectors
     if isinstance(init, Tensor):
         block = init.reshape(1, -1) if init.dim() == 1 else init
     elif isinstance(init, Sequence):

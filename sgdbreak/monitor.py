@@ -366,8 +366,7 @@ class BreakEvenMonitor:
             warm_start=None if cold else self.warm_vectors, generator=self.generator,
             dtype=op.dtype, device=op.device,
         )
-        warm = res.restart_vectors if res.restart_vectors is not None else res.eigenvectors
-        self.warm_vectors = warm.detach().clone()
+        self.warm_vectors = res.start_vectors.detach().clone()
         out = {"lambda1_H": float(res.eigenvalues[0]), "hessian_converged": float(res.converged)}
         for i, value in enumerate(res.eigenvalues.tolist()):
             out[f"eig_H_{i + 1}"] = value

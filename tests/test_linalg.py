@@ -84,7 +84,11 @@ def test_estimates_trace_the_convergence_of_the_top_ritz_value():
     # top Ritz value only grows, stays below λ1 and ends at the returned eigenvalue.
     assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
     assert max(values) <= 5.0 + 1e-12 and values[-1] == res.eigenvalues[0].item()
-    assert power_iteration(op(A), 100, 1, tol=1e-3, dtype=torch.float64, generator=gen()).estimates == ()
+    power = power_iteration(op(A), 100, 1, tol=1e-3, dtype=torch.float64, generator=gen())
+    assert power.estimates == ()
+    # Warm starts begin from the kept Ritz block, or the eigenvectors where none is kept.
+    assert res.start_vectors is res.restart_vectors and res.start_vectors.shape == (3, 100)
+    assert power.start_vectors is power.eigenvectors
 
 
 def test_warm_start_needs_far_fewer_products():
