@@ -134,12 +134,12 @@ class Adaptive:
         if self.max_every < self.min_every:
             raise ValueError(f"max_every={max_every} must be >= min_every={min_every}")
         for name, value in (("factor", factor), ("settled_factor", settled_factor)):
-            if not (isinstance(value, int | float) and value > 1):
+            if not value > 1:
                 raise ValueError(f"{name} must be > 1, got {value!r}")
-        self.settled_factor = float(settled_factor)
         if not change > 0:
             raise ValueError(f"change must be > 0, got {change!r}")
-        self.factor, self.change, self.alarm, self.key = float(factor), float(change), alarm, key
+        self.factor, self.settled_factor = float(factor), float(settled_factor)
+        self.change, self.alarm, self.key = float(change), alarm, key
         self.interval = float(self.min_every)
         self.next_step = self.first
         self.previous: float | None = None
