@@ -152,6 +152,7 @@ def train_one(lr: float, args, x, y, accelerator, run_dir: Path) -> dict:
                 bar.set_postfix(post)
                 bar.update(1)
             if step % steps_per_epoch == 0 or step == args.max_steps:
+                # On every process, not only where it is logged: a DDP forward can be collective.
                 acc = accuracy(model, x, y)
                 for logger in loggers:
                     logger.log_measurement({"step": step, "train_accuracy": acc})
