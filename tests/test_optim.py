@@ -72,6 +72,18 @@ def train(opt_cls, config, *, steps=25, two_groups=False, closure=False, schedul
     return model, opt
 
 
+def fires_at_first_measurement():
+    """A detector whose stability rule fires on the first full measurement."""
+    return BreakEvenDetector(rules=("stability",), stability_keys=("stability_ratio",), stability_threshold=1e-9)
+
+
+def full_batch_steps(model, opt, x, y, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
 def assert_same_model(a, b):
     for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb
@@ -195,7 +207,7 @@ def test_hooks_fire_and_are_removable():
     model = make_model(bn=False)
     x, y = make_data()
     seen, fired = [], []
-    detector = BreakEvenDetector(rules=("stability",), stability_keys=("stability_ratio",), stability_threshold=1e-9)
+    detector = fires_at_first_measurement()
     opt = BreakEvenSGD(model.parameters(), lr=0.1, probe=Probe(model, nn.CrossEntropyLoss(), (x, y)),
                        measure_every=2, cheap_every=None, measurements=("hessian",), detector=detector)
     handle = opt.register_measurement_hook(seen.append)
@@ -215,13 +227,10 @@ def test_hooks_fire_and_are_removable():
 def test_default_cadence_thins_out_after_break_even():
     model = make_model(bn=False)
     x, y = make_data()
-    detector = BreakEvenDetector(rules=("stability",), stability_keys=("stability_ratio",), stability_threshold=1e-9)
+    detector = fires_at_first_measurement()
     opt = BreakEvenSGD(model.parameters(), lr=0.1, probe=Probe(model, nn.CrossEntropyLoss(), (x, y)),
                        measurements=("hessian",), detector=detector)
-    for _ in range(120):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    full_batch_steps(model, opt, x, y, 120)
     assert opt.break_even.step == 1
     full = [r["step"] for r in opt.history if "lambda1_H" in r]
     cheap_only = [r["step"] for r in opt.history if "lambda1_H" not in r]
@@ -248,14 +257,11 @@ def test_user_triggers_observe_records_with_or_without_break_even_flag():
 
     model = make_model(bn=False)
     x, y = make_data()
-    detector = BreakEvenDetector(rules=("stability",), stability_keys=("stability_ratio",), stability_threshold=1e-9)
+    detector = fires_at_first_measurement()
     plain, flagged = Plain(), Flagged()
     opt = BreakEvenSGD(model.parameters(), lr=0.1, probe=Probe(model, nn.CrossEntropyLoss(), (x, y)),
                        measure_every=plain, cheap_every=flagged, measurements=("hessian",), detector=detector)
-    for _ in range(4):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    full_batch_steps(model, opt, x, y, 4)
     assert plain.seen == [2, 4] and flagged.seen == [(2, True), (4, True)]
 
 
@@ -287,10 +293,7 @@ def test_monitor_attaches_to_any_optimizer():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     monitor = BreakEvenMonitor(Probe(model, nn.CrossEntropyLoss(), (x, y)), measure_every=Every(3), cheap_every=3)
     monitor.attach(opt)
-    for _ in range(6):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    full_batch_steps(model, opt, x, y, 6)
     assert [r["step"] for r in monitor.history] == [3, 6] and "lambda1_H" in monitor.latest
     assert "update_sharpness" in monitor.latest
     monitor.detach()
