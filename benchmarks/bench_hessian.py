@@ -17,7 +17,7 @@ import argparse
 import statistics
 
 import torch
-from common import setup, table, time_sgd_steps, timed
+from common import setup, sgd_step, table, time_sgd_steps, timed
 from torch import nn
 
 from sgdbreak import Probe
@@ -39,21 +39,17 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     g = torch.Generator().manual_seed(0)
 
-    def sgd_step():
-        idx = torch.randint(0, len(x), (128,), generator=g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        for p in model.parameters():
-            p.grad = None
+    def train_step():
+        sgd_step(model, opt, x, y, g)
+        opt.zero_grad()  # no gradients held while measuring
 
     rows = {"cold lanczos": [], "warm lanczos (after 1 step)": [], "cold power (<=100)": []}
     for point in range(args.points):
         for _ in range(args.steps_between if point else 5):
-            sgd_step()
+            train_step()
         # The previous measurement, as the monitor takes it (tol 1e-3), then one SGD step.
         previous = probe.hessian_eigenvalues(tol=args.tol, max_hvps=100, generator=torch.Generator().manual_seed(9))
-        sgd_step()
+        train_step()
         # Reference: residual ≤ 1e-4·λ, so the eigenvalue error (~‖r‖²/gap) is far below 1e-3.
         reference = probe.hessian_eigenvalues(tol=1e-4, convergence="residual", max_hvps=150,
                                               generator=torch.Generator().manual_seed(7)).eigenvalues.item()

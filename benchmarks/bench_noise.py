@@ -26,7 +26,7 @@ VARIANTS = ("sgd", "microbatch", "per_example", "sketched")
 
 def child(variant: str, repeat: int) -> None:
     import torch
-    from common import setup
+    from common import setup, sgd_step
     from torch import nn
 
     from sgdbreak import Probe, covariance_spectrum
@@ -39,10 +39,7 @@ def child(variant: str, repeat: int) -> None:
     g = torch.Generator().manual_seed(0)
 
     def sgd():
-        idx = torch.randint(0, len(x), (128,), generator=g)
-        opt.zero_grad()
-        crit(model(x[idx]), y[idx]).backward()
-        opt.step()
+        sgd_step(model, opt, x, y, g)
 
     probe = Probe(model, crit, (px, py))
     dim = sum(p.numel() for p in model.parameters())

@@ -28,6 +28,15 @@ def setup(num_examples: int = 5000, probe_size: int = 1000, seed: int = 0):
     return model, x, y, px, py
 
 
+def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x, y, generator: torch.Generator,
+             batch_size: int = 128) -> None:
+    """One training step on a random batch: the unit every benchmark is measured in."""
+    idx = torch.randint(0, len(x), (batch_size,), generator=generator)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+    opt.step()
+
+
 def time_sgd_steps(model: nn.Module, x, y, *, batch_size: int = 128, steps: int = 20, lr: float = 0.01) -> float:
     """Median seconds of one plain ``torch.optim.SGD`` step (forward, backward, update)."""
     params = [p.detach().clone() for p in model.parameters()]
@@ -35,11 +44,8 @@ def time_sgd_steps(model: nn.Module, x, y, *, batch_size: int = 128, steps: int 
     g = torch.Generator().manual_seed(0)
     times = []
     for i in range(steps + 2):
-        idx = torch.randint(0, len(x), (batch_size,), generator=g)
         t = time.perf_counter()
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
+        sgd_step(model, opt, x, y, g, batch_size)
         if i >= 2:
             times.append(time.perf_counter() - t)
     with torch.no_grad():
