@@ -13,6 +13,7 @@ from .breakeven import (
     stability_ratio,
     stability_threshold,
 )
+from .errors import NonFiniteMeasurement
 from .hessian import (
     HessianEigenResult,
     HessianOperator,
@@ -47,6 +48,7 @@ __all__ = [
     "HessianOperator",
     "HessianTraceResult",
     "MonitoredLR",
+    "NonFiniteMeasurement",
     "Probe",
     "TraceResult",
     "as_linear_operator",

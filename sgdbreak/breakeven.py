@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "DEFAULT_QUALITY_KEYS",
     "RULES",
     "BreakEvenDetector",
     "BreakEvenResult",
@@ -40,6 +41,15 @@ RULES = ("stability", "eq1", "peak")
 
 _EQ1_KEY = "eq1_lhs"
 _STATE_VERSION = 1
+# Config keys added after version 1; states saved without them load with the defaults.
+_LATER_CONFIG_KEYS = ("quality_keys",)
+
+DEFAULT_QUALITY_KEYS = {
+    "stability_ratio": "hessian_converged",
+    "eq1_lhs": "hessian_converged",
+    "lambda1_H": "hessian_converged",
+}
+"""Values the detector uses only when their solver certified them (record key -> flag key)."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -304,7 +314,9 @@ class BreakEvenDetector:
 
     Records are flat mappings with a ``step``; keys a rule does not find are ignored;
     non-finite values are skipped (neither advancing nor breaking a run), counted per key
-    and warned about once per key.
+    and warned about once per key. A value whose quality flag (``quality_keys``, e.g.
+    ``hessian_converged`` for ``stability_ratio``) is in the record and false is skipped the
+    same way: a rule fires only on measurements accurate enough to support it.
 
     Example:
         >>> det = BreakEvenDetector(rules=("peak",), peak_keys=("lambda1_K",), patience=2)
@@ -327,6 +339,7 @@ class BreakEvenDetector:
         patience: int = 3,
         smoothing: float = 0.5,
         min_rise: float = 2.0,
+        quality_keys: Mapping[str, str] | None = None,
     ) -> None:
         """Validates the configuration.
 
@@ -341,6 +354,9 @@ class BreakEvenDetector:
             patience: consecutive records (>= 1) the drop must last.
             smoothing: EMA weight in [0, 1) on the old value (0 = raw series).
             min_rise: factor (>= 1) the peak must rise above the earlier minimum.
+            quality_keys: record key -> key of the flag certifying it (default
+                :data:`DEFAULT_QUALITY_KEYS`: Lanczos convergence for λ1^H and the ratios
+                built on it); ``{}`` uses every value.
 
         Raises:
             ValueError: an invalid value or an unknown rule, naming the parameter.
@@ -368,6 +384,11 @@ class BreakEvenDetector:
         self._min_rise = _real("min_rise", min_rise)
         if self._min_rise < 1.0:
             raise ValueError(f"min_rise must be >= 1, got {min_rise!r}")
+        quality = DEFAULT_QUALITY_KEYS if quality_keys is None else quality_keys
+        if not isinstance(quality, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) and k and v for k, v in quality.items()):
+            raise ValueError(f"quality_keys must map record keys to flag keys, got {quality_keys!r}")
+        self._quality_keys = dict(quality)
 
         used: list[str] = []
         if "stability" in self._rules:
@@ -440,7 +461,7 @@ class BreakEvenDetector:
         finite: dict[str, float] = {}
         nonfinite: list[tuple[str, float]] = []
         for key in self._used_keys:
-            if key not in record:
+            if key not in record or not self._certified(record, key):
                 continue
             value = record[key]
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -488,6 +509,16 @@ class BreakEvenDetector:
         return new
 
     # ------------------------------------------------------------------ rules
+
+    def _certified(self, record: Mapping[str, Any], key: str) -> bool:
+        """False when the record flags ``key``'s measurement as not certified."""
+        flag = self._quality_keys.get(key)
+        if flag is None or flag not in record:
+            return True
+        value = record[flag]
+        if isinstance(value, bool):
+            return value
+        return isinstance(value, numbers.Real) and value >= 0.5
 
     def _parse_step(self, record: Mapping[str, Any]) -> int:
         if "step" not in record:
@@ -597,6 +628,7 @@ class BreakEvenDetector:
             "patience": self._patience,
             "smoothing": self._smoothing,
             "min_rise": self._min_rise,
+            "quality_keys": dict(self._quality_keys),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -640,7 +672,9 @@ class BreakEvenDetector:
         saved = state.get("config")
         if not isinstance(saved, Mapping):
             raise ValueError("state has no 'config'")
-        differing = sorted(k for k in config if _plain(saved.get(k)) != config[k])
+        differing = sorted(
+            k for k in config
+            if _plain(saved.get(k, config[k] if k in _LATER_CONFIG_KEYS else None)) != config[k])
         if differing:
             raise ValueError(f"state was saved with a different configuration: {differing}")
         try:

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .errors import NonFiniteMeasurement
 from .hessian import HessianOperator, flatten
 from .noise import NoiseScaleTracker, covariance_spectrum, two_batch_noise_scale
 from .probe import ChunkedHessianOperator, Probe, _collect
@@ -383,7 +384,7 @@ class DistributedProbe(Probe):
             loss = self.loss().reshape(())
         total = self._comm.mean(loss.detach().reshape(1))
         if not bool(torch.isfinite(total).all()):
-            raise ValueError(f"loss is not finite ({float(total)}) on at least one process; "
+            raise NonFiniteMeasurement(f"loss is not finite ({float(total)}) on at least one process; "
                              "nothing was measured")
         if not loss.requires_grad:
             raise ValueError("loss does not depend on params with autograd (built under torch.no_grad?)")
@@ -427,7 +428,7 @@ class DistributedProbe(Probe):
                 total += flatten(grads, self.params) * (len(idx) / self.local_num_examples)
         total = self._comm.mean(total)
         if not bool(torch.isfinite(total).all()):
-            raise ValueError("the probe gradient is not finite on at least one process")
+            raise NonFiniteMeasurement("the probe gradient is not finite on at least one process")
         return total
 
     def gradient_samples(self, *, method: str = "microbatch", num_samples: int = 20,
@@ -473,7 +474,7 @@ class DistributedProbe(Probe):
         finite = torch.isfinite(out).all(dim=1)
         if not bool(finite.all()):
             bad = torch.nonzero(~finite).flatten().tolist()
-            raise ValueError(f"gradient samples {bad} are not finite (nan or inf loss or gradient "
+            raise NonFiniteMeasurement(f"gradient samples {bad} are not finite (nan or inf loss or gradient "
                              f"on those batches of {batch_size} examples)")
         return out
 

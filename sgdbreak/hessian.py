@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import NonFiniteMeasurement
 from .linalg import EigenResult, hutchinson_trace, lanczos, power_iteration
 
 LossFn = Callable[[], Tensor]
@@ -50,7 +51,7 @@ def evaluate_loss(loss_fn: LossFn) -> Tensor:
         raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
     loss = loss.reshape(())
     if not torch.isfinite(loss):
-        raise ValueError(f"loss is not finite ({loss.item()}); nothing was measured")
+        raise NonFiniteMeasurement(f"loss is not finite ({loss.item()}); nothing was measured")
     if not loss.requires_grad:
         raise ValueError("loss does not depend on params with autograd (built under torch.no_grad?)")
     return loss

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import NonFiniteMeasurement
+
 Matvec = Callable[[Tensor], Tensor]
 
 _WHICH = ("LA", "LM", "SA")
@@ -124,7 +126,7 @@ def _as_start_block(init, dim: int, dtype, device) -> list[Tensor]:
     if block.dim() != 2 or block.shape[1] != dim:
         raise ValueError(f"init vectors must have length {dim}, got shape {tuple(block.shape)}")
     if not torch.isfinite(block).all():
-        raise ValueError("init vectors contain non-finite values")
+        raise NonFiniteMeasurement("init vectors contain non-finite values")
     return [row.to(dtype=dtype, device=device) for row in block]
 
 
@@ -221,7 +223,7 @@ def lanczos(
         if w.shape != v.shape:
             raise ValueError(f"matvec returned shape {tuple(w.shape)}, expected {tuple(v.shape)}")
         if not torch.isfinite(w).all():
-            raise ValueError("matvec returned non-finite values")
+            raise NonFiniteMeasurement("matvec returned non-finite values")
         V.append(v)
         AV.append(w)
         m = len(V)
@@ -377,7 +379,7 @@ def _power_single(op, start: Tensor, shift: float, tol: float, budget: int):
         w = op(v, shift)
         n += 1
         if not torch.isfinite(w).all():
-            raise ValueError("matvec returned non-finite values")
+            raise NonFiniteMeasurement("matvec returned non-finite values")
         val = float((v.double() @ w.double()).item())
         r = float((w - val * v).double().norm().item())
         if r <= tol * max(abs(val), 1e-30):

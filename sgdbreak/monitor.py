@@ -11,6 +11,7 @@ samplers read ``monitor.latest`` / ``monitor.break_even``.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import time
@@ -20,10 +21,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from . import breakeven as be
+from .errors import NonFiniteMeasurement
 from .hessian import HessianOperator, eigenvalues_of_operator
 from .linalg import hutchinson_trace
 from .probe import Probe
@@ -31,6 +34,14 @@ from .triggers import Adaptive, DenseUntilBreakEven, as_trigger
 
 MEASUREMENTS = ("hessian", "trace", "noise", "curvature_variance", "alpha_star", "bn_gamma_norm")
 DEFAULT_MEASUREMENTS = ("hessian", "noise", "bn_gamma_norm")
+
+# The cheap signal's curvature is trusted (calibrated, fed to the detector) only when its
+# error bound is at most this fraction of its value.
+UPDATE_SHARPNESS_MAX_RELATIVE_ERROR = 0.1
+# Rounding of one evaluated loss, in machine epsilons of max(|loss|, 1): measured errors of
+# float32 mean cross-entropies against float64 were below 1 (MLPs, 128 examples); the floor
+# of 1 covers a small loss computed as a difference of larger logits.
+_LOSS_ROUNDING_EPS = 16.0
 
 
 class BreakEvenMonitor:
@@ -107,7 +118,7 @@ class BreakEvenMonitor:
         if not isinstance(probe, Probe):
             raise TypeError(f"probe must be a sgdbreak.Probe, got {type(probe).__name__}")
         self.probe = probe
-        self.optimizer = optimizer
+        self.optimizer: torch.optim.Optimizer | None = None
         self.measure_trigger = Adaptive() if measure_every == "default" else as_trigger(measure_every)
         self.cheap_trigger = (DenseUntilBreakEven() if cheap_every == "default"
                               else as_trigger(cheap_every, "cheap_every"))
@@ -143,6 +154,13 @@ class BreakEvenMonitor:
         if self.noise_batch_size >= n:
             raise ValueError(f"noise_batch_size={self.noise_batch_size} must be smaller than the probe size {n}")
         self.curvature_groups = min(curvature_groups, n)
+        if not probe.single_example_batches:
+            _check_batchnorm_batches(
+                noise_batch_size=self.noise_batch_size if noise_method == "microbatch" else None,
+                cheap_examples=min(cheap_examples, n),
+                curvature_group_size=(n // self.curvature_groups
+                                      if "curvature_variance" in self.measurements else None))
+        _check_processes(probe)
         self.dataset_size, self.batch_size = dataset_size, batch_size
         self.steps_per_epoch = steps_per_epoch
         self.detector = detector if detector is not None else be.BreakEvenDetector(confirm=2)
@@ -165,6 +183,9 @@ class BreakEvenMonitor:
         self._measurement_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._break_even_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._attached: list[RemovableHandle] = []
+        self._processes_checked = False
+        if optimizer is not None:
+            self.bind(optimizer)
 
     # ------------------------------------------------------------------ public views
     @property
@@ -209,9 +230,40 @@ class BreakEvenMonitor:
         self._break_even_hooks[handle.id] = fn
         return handle
 
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Read lr and momentum from ``optimizer`` after checking it fits the probe.
+
+        Refused: a ``group`` index the optimizer does not have, ``maximize=True`` (the
+        stability of ascent is that of the *negated* loss: give the probe a criterion that
+        returns it and keep ``maximize=False``; the update is the same), and an optimizer
+        that updates none of the probe's parameters (it would measure an untrained model).
+        """
+        groups = optimizer.param_groups
+        if not 0 <= self.group < len(groups):
+            raise ValueError(f"group={self.group}, but the optimizer has {len(groups)} parameter "
+                             f"group(s): pass group= in [0, {len(groups) - 1}]")
+        if groups[self.group].get("maximize", False):
+            raise ValueError(
+                "maximize=True is not supported with measurements: sgdbreak measures the loss the "
+                "optimizer minimises. Give the probe a criterion returning the negated objective "
+                "and use maximize=False (the update is identical)")
+        updated = {id(p) for g in groups for p in g["params"]}
+        inside = sum(id(p) in updated for p in self.probe.params)
+        if inside == 0:
+            raise ValueError(
+                "the optimizer updates none of the probe's parameters, so the measurements would "
+                "follow a model that does not train: build the probe on the model whose "
+                "parameters the optimizer updates")
+        if inside < len(self.probe.params):
+            warnings.warn(
+                f"the optimizer updates {inside} of the probe's {len(self.probe.params)} parameter "
+                "tensors; λ1^H and K include the others: pass Probe(..., params=<the optimized "
+                "parameters>) to measure only what is trained", RuntimeWarning, stacklevel=3)
+        self.optimizer = optimizer
+
     def attach(self, optimizer: torch.optim.Optimizer) -> BreakEvenMonitor:
         """Measure around ``optimizer.step()`` of any torch optimizer via step hooks."""
-        self.optimizer = optimizer
+        self.bind(optimizer)
         self._attached = [
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.before_step()),
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self.after_step()),
@@ -230,6 +282,9 @@ class BreakEvenMonitor:
 
     def before_step(self) -> None:
         """Snapshot parameters when the coming step will be measured (the update is needed)."""
+        if not self._processes_checked:
+            _check_processes(self.probe)  # before the first update: nothing is lost
+            self._processes_checked = True
         nxt = self.step + 1
         # Full measurements also take the cheap signal (to calibrate it) and α* needs Δ.
         needs_update = self._wants(self.cheap_trigger, nxt) or (
@@ -278,9 +333,7 @@ class BreakEvenMonitor:
                 record.update(self._cheap_signal(before, hyper))
             if full:
                 record.update(self._full(before, hyper))
-        except ValueError as err:
-            if "not finite" not in str(err) and "non-finite" not in str(err):
-                raise
+        except NonFiniteMeasurement as err:
             self._skip(str(err))
             return None
         bad = [k for k, v in record.items() if not math.isfinite(v)]
@@ -293,35 +346,44 @@ class BreakEvenMonitor:
 
     def _skip(self, reason: str, *, record_event: bool = True) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        if record_event:
-            event = {"event": "skipped", "step": self.step, "reason": reason}
-            self.events.append(event)
-            for logger in self.loggers:
-                logger.log_event(event)
         if reason not in self._warned:
             self._warned.add(reason)
             warnings.warn(f"sgdbreak: measurement at step {self.step} skipped: {reason}", RuntimeWarning,
                           stacklevel=3)
+        if not record_event:
+            return
+        event = {"event": "skipped", "step": self.step, "reason": reason}
+        self.events.append(event)
+        calls = [(f"trigger {t!r}", lambda t=t: t.on_skip(self.step))
+                 for t in (self.measure_trigger, self.cheap_trigger) if hasattr(t, "on_skip")]
+        calls += [(f"logger {lg!r}", lambda lg=lg: lg.log_event(event)) for lg in self.loggers]
+        _call_all(calls)
 
     def _process(self, record: dict[str, float]) -> None:
+        """Update the state first, then tell everyone; a failing consumer loses nothing.
+
+        The record enters the history and a new break-even event enters ``events`` before
+        any trigger, logger or hook runs; each of those runs even if an earlier one raised,
+        and the first exception is raised after all of them.
+        """
         self._update_calibration(record)
         reached_before = self.detector.result.reached
         self.detector.update(record)
         self.history.append(record)
         result = self.detector.result
-        for trigger in (self.measure_trigger, self.cheap_trigger):
-            _observe(trigger, record, result.reached)
-        for logger in self.loggers:
-            logger.log_measurement(record)
-        for fn in list(self._measurement_hooks.values()):
-            fn(record)
-        if result.reached and not reached_before:
-            event = result.to_event()
+        event = result.to_event() if result.reached and not reached_before else None
+        if event is not None:
             self.events.append(event)
-            for logger in self.loggers:
-                logger.log_event(event)
-            for fn in list(self._break_even_hooks.values()):
-                fn(result)
+        calls = [(f"trigger {t!r}", lambda t=t: _observe(t, record, result.reached))
+                 for t in (self.measure_trigger, self.cheap_trigger)]
+        calls += [(f"logger {lg!r}", lambda lg=lg: lg.log_measurement(record)) for lg in self.loggers]
+        calls += [(f"measurement hook {fn!r}", lambda fn=fn: fn(record))
+                  for fn in list(self._measurement_hooks.values())]
+        if event is not None:
+            calls += [(f"logger {lg!r}", lambda lg=lg: lg.log_event(event)) for lg in self.loggers]
+            calls += [(f"break-even hook {fn!r}", lambda fn=fn: fn(result))
+                      for fn in list(self._break_even_hooks.values())]
+        _call_all(calls)
 
     def _full(self, before: list[Tensor] | None, hyper: Mapping[str, Any]) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -341,7 +403,9 @@ class BreakEvenMonitor:
                     out["trace_H_stderr"] = tr.stderr
                 out["num_hvps"] = op.num_matvecs
                 del op
-        if "curvature_variance" in self.measurements and self.warm_vectors is not None and "lambda1_H" in out:
+        # Eq. 1 is the stability of a step along positive curvature; λ1^H <= 0 is no break-even.
+        if ("curvature_variance" in self.measurements and self.warm_vectors is not None
+                and out.get("lambda1_H", 0.0) > 0):
             s2 = probe.curvature_variance(self.warm_vectors[0], num_groups=self.curvature_groups,
                                           generator=self.generator)
             out["curvature_variance"] = s2
@@ -407,7 +471,7 @@ class BreakEvenMonitor:
                 for alpha in alphas:
                     with torch.no_grad():
                         for p, b, a in zip(params, before, after):
-                            p.copy_(b + alpha * (a - b))
+                            p.copy_(_point_along(b, a, alpha))
                     out.append(self.probe.loss_value(self.cheap_indices))
         finally:
             with torch.no_grad():
@@ -425,11 +489,16 @@ class BreakEvenMonitor:
         (Kalra et al.). ``update_sharpness`` is calibrated against the last λ1^H.
         """
         f0, f1, f2 = self._losses_along(before, (0.0, 1.0, 2.0))
-        delta_sq = sum(float((p.detach() - b).double().pow(2).sum()) for p, b in zip(self.probe.params, before))
+        params = self.probe.params
+        delta_sq = sum(float((p.detach().double() - b.double()).pow(2).sum()) for p, b in zip(params, before))
         out: dict[str, float] = {}
         if delta_sq == 0:
             return out
         curvature = f2 - 2 * f1 + f0  # = 2b in f(α) = f0 + aα + bα²
+        error = self._curvature_error(before, (f0, f1, f2), delta_sq, hyper.get("lr", 0.0))
+        out["update_sharpness_error"] = error / delta_sq
+        if not error <= UPDATE_SHARPNESS_MAX_RELATIVE_ERROR * abs(curvature):
+            return out  # rounding could make up the value (tiny steps, low precision): not used
         out["update_sharpness"] = curvature / delta_sq
         slope = f1 - f0 - curvature / 2
         if "lr" in hyper and slope < 0 < curvature and hyper["lr"] > 0:
@@ -440,6 +509,29 @@ class BreakEvenMonitor:
             out["lambda1_H_update"] = scale * out["update_sharpness"]
             out["stability_ratio_update"] = self._ratio(out["lambda1_H_update"], hyper)
         return out
+
+    def _curvature_error(self, before: list[Tensor], losses: tuple[float, float, float],
+                         delta_sq: float, lr: float) -> float:
+        """Bound on the rounding error of f(2) − 2f(1) + f(0), in loss units.
+
+        Two sources: each loss is rounded (a few machine epsilons of max(|f|, 1) over a
+        forward pass, bounded generously), and θ_t + 2Δ is rounded to the parameters' dtype, which
+        moves the third point off the line by e and f(2) by up to ‖g‖·‖e‖ (g the gradient:
+        the training step's ``p.grad`` when every probe parameter has one, else ‖Δ‖/lr).
+        """
+        params = self.probe.params
+        eps = torch.finfo(params[0].dtype).eps
+        rounding = _LOSS_ROUNDING_EPS * eps * sum(w * max(abs(f), 1.0) for f, w in zip(losses, (1, 2, 1)))
+        off_line_sq = 0.0
+        for p, b in zip(params, before):
+            exact = b.double() + 2 * (p.detach().double() - b.double())
+            off_line_sq += float((_point_along(b, p.detach(), 2.0).double() - exact).pow(2).sum())
+        grads = [p.grad for p in params]
+        if all(g is not None for g in grads):
+            grad_sq = sum(float(_dense(g).double().pow(2).sum()) for g in grads)
+        else:
+            grad_sq = delta_sq / lr**2 if lr > 0 else math.inf
+        return rounding + math.sqrt(grad_sq * off_line_sq)
 
     def _alpha_star(self, before: list[Tensor], *, rise: float = 1.2, max_alpha: float = 1024.0) -> float:
         """α*: smallest α with L(θ_t − α(θ_t − θ_{t+1})) ≥ 1.2 L(θ_t) (paper §4), by doubling then bisection."""
@@ -459,6 +551,7 @@ class BreakEvenMonitor:
         return hi
 
     def _update_calibration(self, record: Mapping[str, float]) -> None:
+        # update_sharpness is only recorded when resolved above rounding (see _cheap_signal).
         if "lambda1_H" in record and record.get("update_sharpness", 0) > 0:
             ratio = record["lambda1_H"] / record["update_sharpness"]
             self.calibration = ratio if self.calibration is None else 0.5 * self.calibration + 0.5 * ratio
@@ -484,25 +577,139 @@ class BreakEvenMonitor:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (into a monitor built with the same settings)."""
-        self.step = int(state["step"])
-        self.history = [dict(r) for r in state["history"]]
-        self.events = [dict(e) for e in state["events"]]
-        wv = state["warm_vectors"]
-        self.warm_vectors = None if wv is None else wv.to(device=self.probe.device, dtype=self.probe.params[0].dtype)
-        self.calibration = state["calibration"]
-        self.num_measurements = int(state["num_measurements"])
-        self.skipped = dict(state["skipped"])
-        self.generator.set_state(state["generator"].cpu())  # Accelerate may move optimizer state to GPU
-        self.detector.load_state_dict(state["detector"])
-        for name, trigger in (("measure", self.measure_trigger), ("cheap", self.cheap_trigger)):
-            if name in state["triggers"] and hasattr(trigger, "load_state_dict"):
-                trigger.load_state_dict(state["triggers"][name])
+        """Restore :meth:`state_dict` output (into a monitor built with the same settings).
+
+        Everything is checked before anything changes: a state that does not fit raises a
+        ``ValueError`` naming what differs and leaves the monitor as it was.
+        """
+        self.prepare_load(state)()
+
+    def prepare_load(self, state: Mapping[str, Any]) -> Callable[[], None]:
+        """Validate a :meth:`state_dict` without changing anything; returns the loader.
+
+        Lets an owner (``BreakEvenSGD``) check the monitor state before it loads its own,
+        so a bad checkpoint never leaves it half loaded.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"monitor state must be a mapping, got {type(state).__name__}")
+        try:
+            step = int(state["step"])
+            history = [dict(r) for r in state["history"]]
+            events = [dict(e) for e in state["events"]]
+            wv = state["warm_vectors"]
+            calibration = state["calibration"]
+            num_measurements = int(state["num_measurements"])
+            skipped = dict(state["skipped"])
+            generator = state["generator"].cpu()  # Accelerate may move optimizer state to GPU
+            detector_state = state["detector"]
+            trigger_states = dict(state["triggers"])
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise ValueError(f"malformed sgdbreak monitor state ({type(err).__name__}: {err})") from err
+        if wv is not None:
+            if not isinstance(wv, Tensor) or wv.dim() != 2 or wv.shape[1] != self.probe.dim:
+                shape = tuple(wv.shape) if isinstance(wv, Tensor) else type(wv).__name__
+                raise ValueError(
+                    f"the state's warm-start vectors have shape {shape} but the probe measures "
+                    f"{self.probe.dim} parameters: the checkpoint belongs to another model")
+            wv = wv.to(device=self.probe.device, dtype=self.probe.params[0].dtype)
+        copy.deepcopy(self.detector).load_state_dict(detector_state)  # raises if it does not fit
+        triggers = [(t, trigger_states[name]) for name, t in
+                    (("measure", self.measure_trigger), ("cheap", self.cheap_trigger))
+                    if name in trigger_states and hasattr(t, "load_state_dict")]
+        for trigger, trigger_state in triggers:
+            copy.deepcopy(trigger).load_state_dict(trigger_state)
+        torch.Generator().set_state(generator)
+
+        def load() -> None:
+            self.step, self.history, self.events = step, history, events
+            self.warm_vectors, self.calibration = wv, calibration
+            self.num_measurements, self.skipped = num_measurements, skipped
+            self.generator.set_state(generator)
+            self.detector.load_state_dict(detector_state)
+            for trigger, trigger_state in triggers:
+                trigger.load_state_dict(trigger_state)
+
+        return load
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles keep every measurement but no logger, hook or step hook.
+
+        Loggers own files and tracker runs that a copy must not write to twice; hooks belong
+        to the caller of the original. A copy of an attached monitor attaches itself to the
+        copied optimizer.
+        """
+        state = self.__dict__.copy()
+        state.update(loggers=[], _measurement_hooks=OrderedDict(), _break_even_hooks=OrderedDict(),
+                     _attached=[], _was_attached=bool(self._attached))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        was_attached = state.pop("_was_attached", False)
+        self.__dict__.update(state)
+        if was_attached and self.optimizer is not None:
+            self.attach(self.optimizer)
 
     def close(self) -> None:
         """Close the loggers (writes summaries)."""
         for logger in self.loggers:
             logger.close()
+
+
+def _point_along(before: Tensor, after: Tensor, alpha: float) -> Tensor:
+    """θ_t + α(θ_{t+1} − θ_t) in the parameters' dtype; the end points exactly."""
+    if alpha == 0.0:
+        return before
+    if alpha == 1.0:
+        return after
+    return before + alpha * (after - before)
+
+
+def _dense(tensor: Tensor) -> Tensor:
+    """The stored values of a (possibly sparse) gradient, for norms."""
+    return tensor.coalesce().values() if tensor.is_sparse else tensor
+
+
+def _call_all(calls: list[tuple[str, Callable[[], Any]]]) -> None:
+    """Run every call; raise the first exception after all ran, naming who raised it."""
+    first: BaseException | None = None
+    for name, call in calls:
+        try:
+            call()
+        except Exception as err:  # re-raised below, after the others ran
+            if first is None:
+                first = err
+                if hasattr(err, "add_note"):
+                    err.add_note(f"sgdbreak: raised by {name}; the record and any break-even "
+                                 "event were kept and delivered to every other consumer")
+    if first is not None:
+        raise first
+
+
+def _check_batchnorm_batches(*, noise_batch_size: int | None, cheap_examples: int,
+                             curvature_group_size: int | None) -> None:
+    """Train-mode BatchNorm needs >= 2 examples in every batch a measurement forms."""
+    for name, size in (("noise_batch_size", noise_batch_size), ("cheap_examples", cheap_examples),
+                       ("examples per curvature group (probe size // curvature_groups)",
+                        curvature_group_size)):
+        if size is not None and size < 2:
+            raise ValueError(
+                f"{name} is {size}, but train-mode BatchNorm cannot normalise a batch of one "
+                "example: use a larger probe or value, or Probe(..., batchnorm='eval')")
+
+
+def _check_processes(probe: Probe) -> None:
+    """Refuse a plain Probe on several processes: each would measure its own shard."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    size = dist.get_world_size()
+    if size > 1 and getattr(probe, "world_size", None) is None:
+        raise RuntimeError(
+            f"{size} processes share this run but the probe is a plain Probe: each process would "
+            "measure its own data, and triggers, the detector and any policy could act "
+            "differently per process. Use sgdbreak.distributed.DistributedProbe (pass the "
+            "same probe data on every process with split=True, or each process's shard) and "
+            "call sgdbreak.distributed.prepare_monitor after accelerator.prepare")
 
 
 def _observe(trigger, record: Mapping[str, float], reached: bool) -> None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import NonFiniteMeasurement
+
 __all__ = [
     "CountSketch",
     "CovarianceSpectrum",
@@ -104,7 +106,7 @@ def _check_samples(samples: object) -> tuple[int, int]:
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).flatten().tolist()
         shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
-        raise ValueError(
+        raise NonFiniteMeasurement(
             f"samples rows [{shown}] contain non-finite values (nan or inf); every gradient "
             f"sample must be finite"
         )

@@ -9,6 +9,7 @@ or buffers, and restores the parameters exactly.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -78,7 +79,7 @@ class BreakEvenSGD(torch.optim.SGD):
                          differentiable=differentiable, fused=fused)
         self.monitor = monitor
         if monitor is not None:
-            monitor.optimizer = self
+            monitor.bind(self)  # group index, maximize, the probe's parameters
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
@@ -135,10 +136,33 @@ class BreakEvenSGD(torch.optim.SGD):
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load torch's SGD state and the measurements; all or nothing.
+
+        The measurement state is checked first, so a checkpoint that does not fit raises
+        before anything changes. A plain ``torch.optim.SGD`` checkpoint loads with a warning:
+        it has no step count, so the monitor keeps its own.
+        """
         state_dict = dict(state_dict)
         monitor_state = state_dict.pop(_STATE_KEY, None)
         if monitor_state is not None and self.monitor is None:
             raise ValueError("the state holds sgdbreak measurements but this optimizer has no probe")
+        load_monitor = self.monitor.prepare_load(monitor_state) if monitor_state is not None else None
         super().load_state_dict(state_dict)
-        if monitor_state is not None:
-            self.monitor.load_state_dict(monitor_state)
+        if load_monitor is not None:
+            load_monitor()
+        elif self.monitor is not None:
+            warnings.warn(
+                "the checkpoint holds no sgdbreak state (saved by torch.optim.SGD?): the monitor "
+                f"keeps its step count ({self.monitor.step}) and history. Set opt.monitor.step to "
+                "the number of steps already taken so triggers and records continue from there",
+                RuntimeWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps only defaults, state and param_groups; the monitor is ours to keep.
+        return {**super().__getstate__(), "monitor": self.monitor}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # also called by torch's load_state_dict, without "monitor"
+        if "monitor" not in self.__dict__:
+            self.monitor = None

@@ -10,12 +10,15 @@ measuring leaves the model as it found it: module ``training`` flags and buffers
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .errors import NonFiniteMeasurement
 from .hessian import (
     HessianEigenResult,
     HessianOperator,
@@ -31,8 +34,21 @@ from .linalg import hutchinson_trace
 _BATCHNORM_MODES = ("train", "eval")
 
 
+_MEAN_REDUCTIONS = ("mean", "batchmean")
+
+
 def _is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def call_model(model: nn.Module, inputs: Tensor) -> Tensor:
+    """The default ``forward``: ``model(inputs)`` (a module-level function, so probes pickle)."""
+    return model(inputs)
+
+
+def _rng_devices(params: list[Tensor]) -> list[int]:
+    """CUDA devices whose generators a measurement must leave untouched."""
+    return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
 
 
 def _collect(data) -> tuple[Tensor, Tensor]:
@@ -124,7 +140,7 @@ class Probe:
         self.chunk_size = min(chunk_size, self.num_examples)
         self.batchnorm = batchnorm
         self.keep_graph = bool(keep_graph)
-        self.forward = forward or (lambda m, x: m(x))
+        self.forward = forward or call_model
         self.params = check_params(
             [p for p in model.parameters() if p.requires_grad] if params is None else params
         )
@@ -132,26 +148,121 @@ class Probe:
         self.has_batchnorm = any(_is_batchnorm(m) for m in model.modules())
         # Reduction across processes (set by sgdbreak.distributed); identity here.
         self.reduce_mean: Callable[[Tensor], Tensor] | None = None
+        self._check_loss_contract()
+        self.single_example_batches = self._can_measure_one_example()
+        self._check_chunks()
+
+    # ------------------------------------------------------------------ validation
+    def _can_measure_one_example(self) -> bool:
+        """Whether a batch of one example can be evaluated (not by train-mode BatchNorm1d)."""
+        if not (self.has_batchnorm and self.batchnorm == "train"):
+            return True
+        with self.measuring(), torch.no_grad():
+            try:
+                self._local_loss(torch.arange(1))
+            except (ValueError, RuntimeError):
+                return False
+        return True
+
+    def _check_chunks(self) -> None:
+        """A chunk of one example that BatchNorm cannot normalise: refuse it now, not mid-run."""
+        if self.single_example_batches:
+            return
+        last = self.local_num_examples % self.chunk_size
+        if self.local_num_examples == 1 or last == 1:
+            raise ValueError(
+                f"train-mode BatchNorm cannot normalise a batch of one example, but "
+                f"{self.local_num_examples} probe examples in chunks of {self.chunk_size} leave one "
+                "alone: change chunk_size or the probe size, or use batchnorm='eval'")
+
+    def _check_loss_contract(self) -> None:
+        """Refuse, before training starts, a loss whose scale or graph cannot be trusted.
+
+        One forward and backward on up to two probe examples checks that the data fits the
+        model, that the criterion returns a scalar *mean* over examples (repeating the
+        batch must not change it: a sum would scale λ1^H by the chunk size and λ1^K by M²),
+        and that the loss depends on ``params``.
+        """
+        reduction = getattr(self.criterion, "reduction", "mean")
+        if isinstance(reduction, str) and reduction not in _MEAN_REDUCTIONS:
+            raise ValueError(
+                f"criterion has reduction={reduction!r}; sgdbreak measures the mean loss over "
+                f"examples: use reduction='mean' (e.g. {type(self.criterion).__name__}())")
+        idx = torch.arange(min(2, self.local_num_examples))
+        with self.measuring(), torch.enable_grad():
+            try:
+                once = self._local_loss(idx)  # local: no collective while constructing
+                twice = self._local_loss(torch.cat([idx, idx]))
+            except (RuntimeError, TypeError, ValueError, IndexError) as err:
+                raise ValueError(
+                    f"the probe cannot evaluate the loss on its own data ({type(err).__name__}: "
+                    f"{err}). Check that the inputs ({self.inputs.dtype}, shape "
+                    f"{tuple(self.inputs.shape[1:])} per example) and targets ({self.targets.dtype}) "
+                    f"are what the model (parameters {self.params[0].dtype}) and criterion take"
+                ) from err
+            if not isinstance(once, Tensor) or once.numel() != 1:
+                shape = tuple(once.shape) if isinstance(once, Tensor) else type(once).__name__
+                raise ValueError(
+                    f"criterion must return a scalar mean loss, got {shape}: use a mean-reduced "
+                    "loss (reduction='mean')")
+            a, b = float(once.detach()), float(twice.detach())
+            # A forward that draws random numbers (functional dropout) cannot match exactly:
+            # then only refuse a loss closer to a sum than to a mean.
+            random_forward = float(self._local_loss(idx).detach()) != a
+            tolerance = abs(b - 2 * a) if random_forward else 1e-3 * abs(a) + 1e-6
+            if math.isfinite(a) and math.isfinite(b) and abs(b - a) > tolerance:
+                hint = " (it looks like a sum over examples)" if abs(b - 2 * a) <= 1e-3 * abs(a) else ""
+                raise ValueError(
+                    f"criterion is not a mean over examples{hint}: the loss of a batch repeated "
+                    f"twice is {b:.6g}, not {a:.6g}. sgdbreak's λ1^H and K are those of the mean "
+                    "loss: use reduction='mean' or divide by the batch size")
+            if not once.requires_grad:
+                raise ValueError("the probe loss does not depend on params with autograd; pass "
+                                 "the parameters of `model` that require grad")
+            grads = torch.autograd.grad(once, self.params, allow_unused=True)
+        unused = sum(g is None for g in grads)
+        if unused == len(grads):
+            raise ValueError(
+                "none of the probe's params reach the loss (are they another model's?): pass "
+                "params of `model` (default: all of its parameters that require grad)")
+        if unused:
+            warnings.warn(
+                f"{unused} of the probe's {len(grads)} parameter tensors do not affect the loss on "
+                "the probe (unused layers?); their curvature and noise are measured as 0",
+                RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ state safety
     @contextlib.contextmanager
     def measuring(self) -> Iterator[None]:
-        """Measurement mode: dropout off, BatchNorm per ``batchnorm``; restore everything after."""
+        """Measurement mode; everything it changes is restored after.
+
+        Dropout off and BatchNorm per ``batchnorm``; sparse embeddings give dense gradients
+        (Hessian-vector products need them); the global random number generators (CPU and
+        the parameters' CUDA devices) are forked, so a forward pass that draws random
+        numbers does not change the training trajectory.
+        """
         modes = [(m, m.training) for m in self.model.modules()]
+        sparse = [m for m in self.model.modules()
+                  if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        try:
-            self.model.eval()
-            if self.batchnorm == "train":
-                for m in self.model.modules():
-                    if _is_batchnorm(m):
-                        m.train()
-            yield
-        finally:
-            for m, mode in modes:
-                m.training = mode
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
+        with torch.random.fork_rng(devices=_rng_devices(self.params)):
+            try:
+                self.model.eval()
+                if self.batchnorm == "train":
+                    for m in self.model.modules():
+                        if _is_batchnorm(m):
+                            m.train()
+                for m in sparse:
+                    m.sparse = False
+                yield
+            finally:
+                for m, mode in modes:
+                    m.training = mode
+                for m in sparse:
+                    m.sparse = True
+                with torch.no_grad():
+                    for b, saved in buffers:
+                        b.copy_(saved)
 
     # ------------------------------------------------------------------ losses
     @property
@@ -313,7 +424,7 @@ class ChunkedHessianOperator:
         self.gradient: Tensor | None = None
         self.loss = torch.tensor(probe.loss_value())
         if not torch.isfinite(self.loss):
-            raise ValueError(f"loss is not finite ({self.loss.item()}); nothing was measured")
+            raise NonFiniteMeasurement(f"loss is not finite ({self.loss.item()}); nothing was measured")
 
     def __call__(self, v: Tensor) -> Tensor:
         return self.matvec(v)

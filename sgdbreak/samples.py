@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .errors import NonFiniteMeasurement
+
 __all__ = [
     "draw_batches",
     "full_gradient",
@@ -214,7 +216,7 @@ def microbatch_gradients(
     finite = torch.isfinite(out).all(dim=1)
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).flatten().tolist()
-        raise ValueError(
+        raise NonFiniteMeasurement(
             f"gradient samples {bad} are not finite (nan or inf loss or gradient on those "
             f"batches of {batch_size} examples)"
         )

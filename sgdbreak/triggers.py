@@ -3,7 +3,8 @@
 A trigger is any callable taking the number of completed optimizer steps and returning
 whether to measure after that step. Triggers may also define ``observe(record)`` to
 adapt to measurements (the monitor also passes ``break_even_reached=`` when the method
-accepts it) and ``state_dict`` / ``load_state_dict`` to resume exactly.
+accepts it), ``on_skip(step)`` to hear of a measurement that was skipped (a non-finite
+loss), and ``state_dict`` / ``load_state_dict`` to resume exactly.
 """
 
 from __future__ import annotations
@@ -171,6 +172,15 @@ class Adaptive:
             and alarm >= self.alarm
         ):
             self.next_step = min(self.next_step, step + self.min_every)
+
+    def on_skip(self, step: int) -> None:
+        """A measurement at ``step`` was skipped (e.g. a non-finite loss): back off.
+
+        Without this a trigger that fires until it sees a record would retry on every step;
+        each skip in a row doubles (``factor``) the wait, up to ``max_every``.
+        """
+        self.interval = min(self.max_every, max(self.min_every, self.interval * self.factor))
+        self.next_step = step + max(1, round(self.interval))
 
     def state_dict(self) -> dict[str, Any]:
         return {

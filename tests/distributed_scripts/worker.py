@@ -185,15 +185,14 @@ def main() -> None:
     result["accumulate"] = ddp_run(accumulating, C.ACCUM_STEPS, 2)
     result["scheduler"] = scheduler_run(Accelerator(cpu=True))
 
-    # A plain Probe on several processes is refused by prepare_monitor.
+    # A plain Probe on several processes is refused as soon as the monitor exists.
     model = C.mlp()
-    opt = BreakEvenSGD(model.parameters(), lr=0.1, probe=Probe(model, C.CRITERION, C.probe_data()))
-    model, opt = accelerator.prepare(model, opt)
     try:
-        prepare_monitor(accelerator, opt)
+        BreakEvenSGD(model.parameters(), lr=0.1, probe=Probe(model, C.CRITERION, C.probe_data()))
         result["plain_probe_refused"] = False
-    except ValueError as err:
+    except RuntimeError as err:
         result["plain_probe_refused"] = "DistributedProbe" in str(err)
+    model = accelerator.prepare(C.mlp())
 
     wrapped = DistributedProbe(model, C.CRITERION, C.probe_data(), split=True)
     result["unwraps_ddp"] = (type(model).__name__ == "DistributedDataParallel"
