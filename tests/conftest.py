@@ -1,14 +1,17 @@
-"""Shared test set-up: Hypothesis profiles without deadlines (torch calls are slow to warm up)."""
+"""Shared test set-up: sgdbreak's Hypothesis profiles (no deadlines: torch calls are slow to warm up)."""
 
 import os
 
 import torch
 from hypothesis import HealthCheck, settings
 
+from sgdbreak.testing.strategies import register_profiles
+
+# The kit's profiles, plus function-scoped fixtures (monkeypatch, tmp_path) in @given tests.
+register_profiles(max_examples=25)
 settings.register_profile(
     "default",
-    deadline=None,
-    max_examples=25,
+    parent=settings.get_profile("sgdbreak"),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)

@@ -8,7 +8,7 @@ from torch import nn
 
 from sgdbreak import Probe, hessian_eigenvalues, hessian_trace
 from sgdbreak.hessian import HessianOperator
-from sgdbreak.testing import exact_hessian, model_hessian
+from sgdbreak.testing import exact_hessian, model_hessian, tiny_problem
 
 
 def gen(seed=0):
@@ -16,26 +16,21 @@ def gen(seed=0):
 
 
 def tanh_mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return tiny_problem("mlp", seed=0).model
 
 
 def avgpool_cnn():
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(),
-                         nn.Linear(3 * 3 * 3, 3)).double()
+    return tiny_problem("cnn", features=6, hidden=3, seed=1).model
 
 
 def bn_net():
-    torch.manual_seed(2)
-    return nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return tiny_problem("batchnorm", seed=2).model
 
 
 def data_for(name, n=24):
-    g = gen(3)
-    x = torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64) if name == "cnn" else \
-        torch.randn(n, 5, generator=g, dtype=torch.float64)
-    return x, torch.randint(0, 3, (n,), generator=g)
+    p = tiny_problem("cnn" if name == "cnn" else "mlp", features=6 if name == "cnn" else 5,
+                     num_examples=n, data_seed=3)
+    return p.inputs, p.targets
 
 
 NETS = {"mlp": tanh_mlp, "cnn": avgpool_cnn, "bn": bn_net}

@@ -19,6 +19,8 @@ from sgdbreak.noise import (
     noise_metrics,
     two_batch_noise_scale,
 )
+from sgdbreak.testing import gradient_covariance
+from sgdbreak.testing.strategies import sample_matrices
 
 
 def _samples(num, dim, seed=0, dtype=torch.float64):
@@ -30,9 +32,8 @@ def _samples(num, dim, seed=0, dtype=torch.float64):
 
 
 def _explicit(samples, scale=1.0):
-    """Oracle: the D x D covariance formed explicitly, eigenvalues by numpy in float64."""
-    x = samples.double().numpy()
-    cov = scale * np.cov(x, rowvar=False, ddof=1).reshape(x.shape[1], x.shape[1])
+    """Oracle: the D x D covariance formed explicitly (the kit's), eigenvalues by numpy."""
+    cov = gradient_covariance(samples, scale=scale).numpy()
     evals, evecs = np.linalg.eigh(cov)
     return cov, evals[::-1].copy(), evecs[:, ::-1].copy()
 
@@ -123,16 +124,6 @@ def test_rank_deficient_samples_have_zero_eigenvectors_past_the_rank():
 
 
 # --- invariants (Hypothesis) -------------------------------------------------------------
-
-_shapes = st.tuples(st.integers(2, 8), st.integers(1, 12))
-_elements = st.floats(-10, 10, allow_nan=False, allow_subnormal=False)
-
-
-@st.composite
-def sample_matrices(draw):
-    num, dim = draw(_shapes)
-    return torch.from_numpy(draw(arrays(np.float64, (num, dim), elements=_elements)))
-
 
 def _close(a, b, ref):
     return torch.allclose(a, b, rtol=0, atol=1e-9 * (ref + 1e-12))

@@ -11,6 +11,7 @@ from sgdbreak.samples import (
     microbatch_gradients,
     per_example_gradients,
 )
+from sgdbreak.testing import per_example_gradients_by_loop, tiny_problem
 
 
 def _flat(grads):
@@ -18,13 +19,12 @@ def _flat(grads):
 
 
 def _mlp(seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+    return tiny_problem("mlp", hidden=7, seed=seed, dtype=dtype).model
 
 
 def _data(n=23, seed=1, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
+    problem = tiny_problem("mlp", num_examples=n, data_seed=seed, dtype=dtype)
+    return problem.inputs, problem.targets
 
 
 # --- micro-batch gradients ---------------------------------------------------------------
@@ -172,20 +172,12 @@ def test_full_gradient_matches_autograd():
 # --- per-example gradients ---------------------------------------------------------------
 
 
-def _loop(model, criterion, x, y, params):
-    rows = []
-    for i in range(x.shape[0]):
-        loss = criterion(model(x[i : i + 1]), y[i : i + 1])
-        rows.append(_flat(torch.autograd.grad(loss, params)))
-    return torch.stack(rows)
-
-
 @pytest.mark.parametrize("chunk_size", [1, 5, 64])
 def test_per_example_matches_a_python_loop(chunk_size):
     model, (x, y) = _mlp(), _data()
     crit = nn.CrossEntropyLoss()
     out = per_example_gradients(model, crit, x, y, chunk_size=chunk_size)
-    expected = _loop(model, crit, x, y, list(model.parameters()))
+    expected = per_example_gradients_by_loop(model, crit, x, y)
     assert out.shape == expected.shape == (23, 5 * 7 + 7 + 7 * 3 + 3)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     # Their mean is the full-batch gradient of the mean loss.
@@ -218,7 +210,8 @@ def test_per_example_params_subset_in_given_order_and_p_grad_untouched():
     chosen = [model[2].weight, model[0].bias]
     model[0].weight.grad = torch.full_like(model[0].weight, 3.0)
     out = per_example_gradients(model, crit, x, y, params=chosen, chunk_size=4)
-    torch.testing.assert_close(out, _loop(model, crit, x, y, chosen), rtol=1e-10, atol=1e-12)
+    expected = per_example_gradients_by_loop(model, crit, x, y, params=chosen)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     assert torch.all(model[0].weight.grad == 3.0)
     assert all(p.grad is None for p in chosen)
     with pytest.raises(ValueError, match="not a parameter of the model"):
@@ -240,14 +233,13 @@ def test_per_example_custom_forward_and_tuple_inputs():
     two = TwoInputs()
     b = torch.linspace(-1, 1, 45, dtype=torch.float64).reshape(9, 5)
     out = per_example_gradients(two, crit, (x, b), y)
-    torch.testing.assert_close(out, _loop(model, crit, x + 0.5 * b, y, list(model.parameters())))
+    torch.testing.assert_close(out, per_example_gradients_by_loop(model, crit, x + 0.5 * b, y))
     custom = per_example_gradients(model, crit, x, y, forward=lambda m, inp: m(2.0 * inp))
-    torch.testing.assert_close(custom, _loop(model, crit, 2.0 * x, y, list(model.parameters())))
+    torch.testing.assert_close(custom, per_example_gradients_by_loop(model, crit, 2.0 * x, y))
 
 
 def _bn_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return tiny_problem("batchnorm", seed=0).model
 
 
 def test_per_example_refuses_train_mode_batchnorm_clearly():
@@ -258,14 +250,15 @@ def test_per_example_refuses_train_mode_batchnorm_clearly():
 
 def test_per_example_eval_batchnorm_matches_loop_and_leaves_buffers_and_mode():
     model, (x, y) = _bn_model(), _data()
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # non-trivial running statistics
-        model[1].running_mean.uniform_(-1, 1)
-        model[1].running_var.uniform_(0.5, 2)
+        model[1].running_mean.uniform_(-1, 1, generator=gen)
+        model[1].running_var.uniform_(0.5, 2, generator=gen)
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     crit = nn.CrossEntropyLoss()
     out = per_example_gradients(model, crit, x, y, chunk_size=8)
-    torch.testing.assert_close(out, _loop(model, crit, x, y, list(model.parameters())))
+    torch.testing.assert_close(out, per_example_gradients_by_loop(model, crit, x, y))
     assert not model.training and not model[1].training
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
