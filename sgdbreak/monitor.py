@@ -408,8 +408,8 @@ class BreakEvenMonitor:
                 and out.get("lambda1_H", 0.0) > 0):
             s2 = probe.curvature_variance(self.warm_vectors[0], num_groups=self.curvature_groups,
                                           generator=self.generator)
-            out["curvature_variance"] = s2
-            if "lr" in hyper:
+            out["curvature_variance"] = s2  # a non-finite s² is dropped from the record below
+            if "lr" in hyper and math.isfinite(s2):
                 out["eq1_lhs"] = be.eq1_lhs(hyper["lr"] * (1 - hyper.get("dampening", 0.0)), out["lambda1_H"], s2,
                                             dataset_size=self.dataset_size, batch_size=self.batch_size)
         if "noise" in self.measurements:
