@@ -8,7 +8,8 @@ from torch import nn
 
 from sgdbreak import Probe, hessian_eigenvalues, hessian_trace
 from sgdbreak.hessian import HessianOperator
-from sgdbreak.testing import exact_hessian, model_hessian, tiny_problem
+from sgdbreak.testing import exact_hessian, model_hessian, random_orthogonal, tiny_problem
+from sgdbreak.testing.strategies import spectra
 
 
 def gen(seed=0):
@@ -163,11 +164,11 @@ def test_permuting_probe_examples_changes_nothing(perm):
     assert b.eigenvalues.item() == pytest.approx(a.eigenvalues.item(), rel=1e-8)
 
 
-@given(st.lists(st.floats(0.01, 50.0), min_size=2, max_size=8))
+@given(spectra(min_dim=2, max_dim=8, min_value=0.01, max_value=50.0))
 def test_convex_quadratic_has_its_known_spectrum(spectrum):
     d = len(spectrum)
     g = gen(5)
-    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
+    Q = random_orthogonal(d, generator=g)
     A = Q @ torch.diag(torch.tensor(spectrum, dtype=torch.float64)) @ Q.T
     w = torch.randn(d, dtype=torch.float64, generator=g, requires_grad=True)
     k = min(2, d)
