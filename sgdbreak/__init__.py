@@ -5,7 +5,7 @@ Trajectories of Deep Neural Networks" (ICLR 2020). ``import sgdbreak`` pulls in 
 numpy and scipy only; integrations (Accelerate, W&B, matplotlib) load lazily.
 """
 
-from . import schedulers, triggers
+from . import quantities, schedulers, triggers
 from .breakeven import (
     BreakEvenDetector,
     BreakEvenResult,
@@ -33,11 +33,34 @@ from .monitor import BreakEvenMonitor
 from .noise import CovarianceSpectrum, covariance_spectrum, gradient_noise_scale, noise_metrics
 from .optim import BreakEvenSGD
 from .probe import Probe
+from .quantities import (
+    AlphaStar,
+    BatchNormGamma,
+    CurvatureVariance,
+    GradientNoise,
+    HessianTrace,
+    MeasurementContext,
+    Quantity,
+    Sharpness,
+    UpdateSharpness,
+    default_quantities,
+)
 from .schedulers import MonitoredLR
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlphaStar",
+    "BatchNormGamma",
+    "CurvatureVariance",
+    "GradientNoise",
+    "HessianTrace",
+    "MeasurementContext",
+    "Quantity",
+    "Sharpness",
+    "UpdateSharpness",
+    "default_quantities",
+    "quantities",
     "BreakEvenDetector",
     "BreakEvenMonitor",
     "BreakEvenResult",

@@ -284,7 +284,7 @@ def test_non_finite_probe_loss_is_skipped_without_corruption():
     assert [r["step"] for r in opt.history] == [1, 2, 4]
     assert opt.monitor.events[-1]["event"] == "skipped" and opt.monitor.events[-1]["step"] == 3
     assert all(math.isfinite(v) for r in opt.history for v in r.values())
-    assert torch.isfinite(opt.monitor.warm_vectors).all()
+    assert torch.isfinite(opt.monitor.quantity("sharpness").warm_vectors).all()
 
 
 def test_monitor_attaches_to_any_optimizer():

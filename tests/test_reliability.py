@@ -127,7 +127,7 @@ def test_update_sharpness_error_bound_holds_against_float64(lr):
     record = monitor.latest
     after = [p.detach().clone() for p in model.parameters()]
     m64 = copy.deepcopy(model).double()
-    xs, ys = x[:128][monitor.cheap_indices].double(), y[:128][monitor.cheap_indices]
+    xs, ys = x[:128][monitor.quantity("update_sharpness").indices].double(), y[:128][monitor.quantity("update_sharpness").indices]
 
     def f64(alpha):
         with torch.no_grad():
@@ -439,8 +439,10 @@ def test_batchnorm1d_chunk_of_one_example_is_refused_at_construction():
     with pytest.raises(ValueError, match="chunk_size"):
         Probe(model, nn.CrossEntropyLoss(), (x, y), chunk_size=16)
     probe = Probe(model, nn.CrossEntropyLoss(), (x[:32], y[:32]), chunk_size=16)
-    with pytest.raises(ValueError, match="noise_batch_size"):
+    with pytest.raises(ValueError, match="GradientNoise: batch_size=1"):
         BreakEvenMonitor(probe, noise_batch_size=1)
+    with pytest.raises(ValueError, match="UpdateSharpness: examples=1"):
+        BreakEvenMonitor(probe, quantities=[sgdbreak.UpdateSharpness(examples=1)])
     # Two-dimensional BatchNorm normalises one image over its pixels: allowed.
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 36, 3))
     Probe(conv, nn.CrossEntropyLoss(), (torch.randn(33, 1, 8, 8), torch.randint(0, 3, (33,))), chunk_size=16)
