@@ -7,6 +7,12 @@ or batch size: a larger η or a smaller S should reach lower λ1^K and λ1^H (Co
 a larger Tr K/λ1^K and a smaller Tr K (Conjecture 2). Maxima are taken on the smoothed
 series because one-sample spikes spoil the raw ones.
 
+Arguments are run directories, or directories holding run directories (one level down);
+files and other directories among them are skipped with a note, so ``runs/*`` works when
+``runs`` also holds a ``summary.json``. A run without ``summary.json`` was killed or is
+still running: both commands say so, and a Conjecture check that such a run could still
+overturn is ``inconclusive``.
+
 Example:
     $ sgdbreak report runs/lr0.1 runs/lr0.01 --out figures
     $ sgdbreak summary runs/*
@@ -17,14 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from .tracking import Run, read_run
+from .tracking import RUN_FILES, Run, is_run_dir, read_run
 
-__all__ = ["CHECKS", "DEFAULT_IGNORED_CONFIG_KEYS", "compare_runs", "main"]
+__all__ = ["CHECKS", "DEFAULT_IGNORED_CONFIG_KEYS", "FIGURE_FORMATS", "compare_runs", "main"]
+
+#: Figure formats ``--formats`` accepts (matplotlib writes them without extra tools).
+FIGURE_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp")
+
+INCOMPLETE = "incomplete: no summary.json (killed or still running)"
 
 #: Config keys that name outputs rather than change the experiment; not compared.
 DEFAULT_IGNORED_CONFIG_KEYS = (
@@ -58,8 +71,59 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _note(text: str) -> None:
+    print(f"sgdbreak: {text}", file=sys.stderr)
+
+
+def _run_dirs(paths: Iterable[str]) -> list[str]:
+    """The run directories named by ``paths``, in order and without repeats.
+
+    A directory that is not a run directory stands for the run directories directly
+    inside it; files and directories without runs are skipped with a note.
+
+    Raises:
+        FileNotFoundError: if a path does not exist, or no run directory is found.
+    """
+    found: list[str] = []
+    for text in paths:
+        path = Path(text)
+        if not path.exists():
+            raise FileNotFoundError(f"run directory not found: {text}")
+        if is_run_dir(path):
+            found.append(text)
+        elif not path.is_dir():
+            _note(f"skipping {text}: a file, not a run directory")
+        else:
+            inside = sorted(str(p) for p in path.iterdir() if is_run_dir(p))
+            if inside:
+                _note(f"{text} is not a run directory: reading the {len(inside)} run directories inside it")
+            else:
+                _note(
+                    f"skipping {text}: it is not a run directory (none of "
+                    f"{', '.join(RUN_FILES)}) and holds none"
+                )
+            found.extend(inside)
+    if not found:
+        raise FileNotFoundError("no run directories among the arguments")
+    seen: set[Path] = set()
+    unique = []
+    for text in found:
+        if Path(text).resolve() not in seen:
+            seen.add(Path(text).resolve())
+            unique.append(text)
+    return unique
+
+
 def _load(paths: Iterable[str]) -> list[tuple[str, Run]]:
-    return [(p, read_run(p)) for p in paths]
+    """Read the run directories named by ``paths``; reader warnings become notes."""
+    runs = []
+    for path in _run_dirs(paths):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs.append((path, read_run(path)))
+        for warning in caught:
+            _note(f"warning: {warning.message}")
+    return runs
 
 
 # --------------------------------------------------------------------------- report
@@ -68,6 +132,8 @@ def _load(paths: Iterable[str]) -> list[tuple[str, Run]]:
 def _report_lines(label: str, run: Run, summary: dict) -> list[str]:
     cfg = ", ".join(f"{k}={run.config[k]}" for k in _VARIED if k in run.config)
     lines = [f"== {label}" + (f"  ({cfg})" if cfg else "")]
+    if not run.complete:
+        lines.append(f"  {INCOMPLETE}")
     qname = f"q{summary['quantile'] * 100:g}"
     lines.append(f"  {'quantity':<20}{'max':>11}{'smoothed':>11}{qname:>11}{'at step':>9}")
     names = {
@@ -124,9 +190,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     runs = _load(args.run_dirs)
     summaries = [run.summarize(window=args.window) for _, run in runs]
     if args.json:
-        print(
-            json.dumps({label: s for (label, _), s in zip(runs, summaries, strict=True)}, indent=2)
-        )
+        out = {
+            label: {**summary, "complete": run.complete}
+            for (label, run), summary in zip(runs, summaries, strict=True)
+        }
+        print(json.dumps(out, indent=2))
     plots = None
     if not args.no_plots:
         try:
@@ -189,6 +257,53 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+@dataclass(frozen=True)
+class _Peak:
+    """A run's smoothed maximum of one quantity and what it says about the final one.
+
+    ``bound`` is ``"final"`` for a complete run; ``"lower"`` for an incomplete run with at
+    least ``window`` values (the maximum is then over complete windows, which records
+    appended later cannot lower); ``"unknown"`` for an incomplete run with fewer values.
+    """
+
+    label: str
+    value: float | None
+    bound: str
+
+
+def _peak(label: str, run: Run, summary: dict, quantity: str, window: int) -> _Peak:
+    value = summary[f"max_{quantity}_smoothed"]
+    if run.complete:
+        return _Peak(label, value, "final")
+    enough = len(run.series(quantity)[1]) >= window
+    return _Peak(label, value, "lower" if enough else "unknown")
+
+
+def _check(noisier: _Peak, other: _Peak, direction: int) -> tuple[str, str | None]:
+    """Verdict and note for one check of the noisier run's peak against the other's.
+
+    With complete runs: ``agrees``, ``disagrees``, ``tie`` or ``missing``. A peak of an
+    incomplete run can still grow, so a verdict stands only when the *smaller* peak is
+    final: the larger can only grow, which keeps the order. Otherwise it is
+    ``inconclusive``, as it is when an incomplete run has not logged the quantity yet.
+    """
+    peaks = (noisier, other)
+    still_open = ", ".join(p.label for p in peaks if p.bound != "final")
+    note = f"{still_open} incomplete" if still_open else None
+    if any(p.value is None for p in peaks):
+        final_missing = any(p.value is None and p.bound == "final" for p in peaks)
+        return ("missing", None) if final_missing else ("inconclusive", note)
+    if noisier.value == other.value:
+        return ("tie", None) if note is None else ("inconclusive", note)
+    verdict = "agrees" if (noisier.value - other.value) * direction > 0 else "disagrees"
+    if note is None:
+        return verdict, None
+    smaller = min(peaks, key=lambda p: p.value)
+    if smaller.bound != "final" or any(p.bound == "unknown" for p in peaks):
+        return "inconclusive", note
+    return verdict, f"{note}; its peak can only grow"
+
+
 def compare_runs(
     runs: Sequence[tuple[str, Run]],
     *,
@@ -207,13 +322,19 @@ def compare_runs(
         window: Moving-average window for the smoothed maxima.
         ignore: Config keys that do not count as differences.
 
+    A run without ``summary.json`` (killed or still running, ``Run.complete`` False) is
+    compared on what it logged so far; a check it could still overturn is
+    ``"inconclusive"`` (see ``docs/tracking.md``).
+
     Returns:
-        ``{"pairs": [...], "not_compared": [...], "totals": {...}}``. Each pair has
-        ``a``, ``b``, ``varied``, ``noisier`` and ``checks`` (``conjecture``, ``quantity``,
-        ``noisier_value``, ``other_value``, ``expected`` and ``verdict``: ``"agrees"``,
-        ``"disagrees"``, ``"tie"`` or ``"missing"``).
+        ``{"pairs": [...], "not_compared": [...], "incomplete": [...], "totals": {...}}``.
+        Each pair has ``a``, ``b``, ``varied``, ``noisier`` and ``checks``
+        (``conjecture``, ``quantity``, ``noisier_value``, ``other_value``, ``expected``,
+        ``verdict``: ``"agrees"``, ``"disagrees"``, ``"tie"``, ``"missing"`` or
+        ``"inconclusive"``, and ``note``: which runs are incomplete, or ``None``).
     """
     summaries = {label: run.summarize(window=window) for label, run in runs}
+    runs_by_label = dict(runs)
     others = {label: _other_config(run, ignore) for label, run in runs}
     pairs, notes = [], []
     partnered: set[str] = set()
@@ -242,23 +363,19 @@ def compare_runs(
         noisy, quiet = (la, lb) if a_noisier else (lb, la)
         checks = []
         for conjecture, quantity, name, direction in CHECKS:
-            nv = summaries[noisy][f"max_{quantity}_smoothed"]
-            ov = summaries[quiet][f"max_{quantity}_smoothed"]
-            if nv is None or ov is None:
-                verdict = "missing"
-            elif nv == ov:
-                verdict = "tie"
-            else:
-                verdict = "agrees" if (nv - ov) * direction > 0 else "disagrees"
+            noisy_peak = _peak(noisy, runs_by_label[noisy], summaries[noisy], quantity, window)
+            quiet_peak = _peak(quiet, runs_by_label[quiet], summaries[quiet], quantity, window)
+            verdict, note = _check(noisy_peak, quiet_peak, direction)
             checks.append(
                 {
                     "conjecture": conjecture,
                     "quantity": quantity,
                     "name": name,
                     "expected": "lower" if direction < 0 else "higher",
-                    "noisier_value": nv,
-                    "other_value": ov,
+                    "noisier_value": noisy_peak.value,
+                    "other_value": quiet_peak.value,
                     "verdict": verdict,
+                    "note": note,
                 }
             )
         pairs.append(
@@ -275,8 +392,16 @@ def compare_runs(
         )
         notes.append({"run": label, "reason": reason})
     verdicts = [c["verdict"] for p in pairs for c in p["checks"]]
-    totals = {v: verdicts.count(v) for v in ("agrees", "disagrees", "tie", "missing")}
-    return {"window": window, "pairs": pairs, "not_compared": notes, "totals": totals}
+    kinds = ("agrees", "disagrees", "tie", "missing", "inconclusive")
+    totals = {v: verdicts.count(v) for v in kinds}
+    incomplete = [label for label, run in runs if not run.complete]
+    return {
+        "window": window,
+        "pairs": pairs,
+        "not_compared": notes,
+        "incomplete": incomplete,
+        "totals": totals,
+    }
 
 
 def _summary_lines(result: dict, runs: dict[str, Run]) -> list[str]:
@@ -285,6 +410,10 @@ def _summary_lines(result: dict, runs: dict[str, Run]) -> list[str]:
         "each check: noisier run (larger lr or smaller batch_size) vs the other",
         "",
     ]
+    for label in result.get("incomplete", []):
+        lines.append(f"{label}: {INCOMPLETE}")
+    if result.get("incomplete"):
+        lines.append("")
     if not result["pairs"]:
         lines.append("no pair of runs differs only in lr or batch_size")
     for pair in result["pairs"]:
@@ -296,10 +425,11 @@ def _summary_lines(result: dict, runs: dict[str, Run]) -> list[str]:
             f"{direction} in {pair['noisier']}"
         )
         for check in pair["checks"]:
+            note = f" ({check['note']})" if check.get("note") else ""
             lines.append(
                 f"  Conjecture {check['conjecture']}  {check['name']:<20} "
                 f"{_fmt(check['noisier_value'])} vs {_fmt(check['other_value'])}  "
-                f"expected {check['expected']}: {check['verdict']}"
+                f"expected {check['expected']}: {check['verdict']}{note}"
             )
         lines.append("")
     if result["not_compared"]:
@@ -308,9 +438,10 @@ def _summary_lines(result: dict, runs: dict[str, Run]) -> list[str]:
             lines.append(f"  {note['run']}: {note['reason']}")
         lines.append("")
     t = result["totals"]
-    lines.append(
-        f"total: {t['agrees']} agree, {t['disagrees']} disagree, {t['tie']} tie, {t['missing']} missing"
-    )
+    total = f"total: {t['agrees']} agree, {t['disagrees']} disagree, {t['tie']} tie, {t['missing']} missing"
+    if t.get("inconclusive"):
+        total += f", {t['inconclusive']} inconclusive"
+    lines.append(total)
     return lines
 
 
@@ -336,9 +467,14 @@ def _positive_int(text: str) -> int:
 
 
 def _formats(text: str) -> tuple[str, ...]:
-    formats = tuple(f.strip().lstrip(".") for f in text.split(",") if f.strip())
+    formats = tuple(f.strip().lstrip(".").lower() for f in text.split(",") if f.strip())
     if not formats:
         raise argparse.ArgumentTypeError("give at least one format, e.g. png,pdf")
+    unknown = [f for f in formats if f not in FIGURE_FORMATS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown figure format {', '.join(unknown)}; choose from {', '.join(FIGURE_FORMATS)}"
+        )
     return formats
 
 

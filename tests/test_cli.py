@@ -196,3 +196,132 @@ def test_module_entry_point(runs):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("total: 4 agree, 0 disagree, 0 tie, 0 missing")
+
+
+# --------------------------------------------------------------------------- incomplete runs and arguments
+
+
+def kill(run_dir) -> str:
+    """Make a finished run look killed: no summary.json."""
+    (Path(run_dir) / "summary.json").unlink()
+    return str(run_dir)
+
+
+def partial_run(run_dir, config, values):
+    """A killed run: λ1 values logged so far, never closed."""
+    log = RunLog(run_dir, config)
+    for i, v in enumerate(values):
+        log.log_measurement(
+            {"step": 10 * i, "lambda1_H": v, "lambda1_K": v, "stable_rank_K": v, "trace_K": v}
+        )
+    for f in log._files.values():
+        f.close()
+    return str(run_dir)
+
+
+def verdicts(capsys, *run_dirs):
+    assert main(["summary", *run_dirs]) == 0
+    out = capsys.readouterr().out
+    return [ln.split(": ", 1)[1] for ln in out.splitlines() if ln.startswith("  Conjecture")], out
+
+
+def test_report_says_a_killed_run_is_incomplete(runs, capsys):
+    assert main(["report", kill(runs["B"]), runs["A"], "--no-plots"]) == 0
+    block_b, block_a = capsys.readouterr().out.split("== ")[1:]
+    assert block_b.splitlines()[1] == "  incomplete: no summary.json (killed or still running)"
+    assert "incomplete" not in block_a
+    assert main(["report", runs["B"], runs["A"], "--no-plots", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data[runs["B"]]["complete"], data[runs["A"]]["complete"]) == (False, True)
+
+
+def test_summary_verdicts_on_an_incomplete_run_only_where_its_peak_cannot_overturn_them(runs, capsys):
+    # B (the quieter run) killed: its peaks so far can only grow, so "A lower" stands;
+    # "A's Tr K/lambda1_K higher" (14 vs 10 so far) could still be overturned.
+    checks, out = verdicts(capsys, runs["A"], kill(runs["B"]))
+    assert f"{runs['B']}: incomplete: no summary.json (killed or still running)" in out
+    note = f"{runs['B']} incomplete"
+    assert checks == [
+        f"agrees ({note}; its peak can only grow)",
+        f"agrees ({note}; its peak can only grow)",
+        f"inconclusive ({note})",
+        f"agrees ({note}; its peak can only grow)",
+    ]
+    assert out.strip().endswith("total: 3 agree, 0 disagree, 0 tie, 0 missing, 1 inconclusive")
+
+
+def test_summary_of_a_noisier_run_killed_before_its_peak_is_inconclusive(tmp_path, runs, capsys):
+    base = {"model": "simplecnn", "seed": 0, "out_dir": "ignored", "batch_size": 128}
+    # killed early while still rising: its maxima so far are below B's, but may not stay so
+    early = partial_run(tmp_path / "early", {**base, "lr": 0.1}, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    checks, out = verdicts(capsys, early, runs["B"])
+    assert checks == [f"inconclusive ({early} incomplete)"] * 4
+    # already above B's peaks: more records can only raise them, so those verdicts stand
+    high = partial_run(tmp_path / "high", {**base, "lr": 0.1}, [40.0, 41, 42, 43, 44, 45])
+    checks, out = verdicts(capsys, high, runs["B"])
+    assert [c.split(" (")[0] for c in checks] == ["disagrees", "disagrees", "agrees", "disagrees"]
+    # fewer values than the smoothing window: its smoothed peak may still go down
+    short = partial_run(tmp_path / "short", {**base, "lr": 0.1}, [100.0, 100.0])
+    checks, _ = verdicts(capsys, short, runs["B"], "--window", "5")
+    assert checks == [f"inconclusive ({short} incomplete)"] * 4
+    # both incomplete: nothing can be concluded
+    checks, _ = verdicts(capsys, early, kill(runs["B"]))
+    assert all(c.startswith("inconclusive") for c in checks)
+    result = compare_runs([("early", read_run(early)), ("B", read_run(runs["B"]))])
+    assert result["incomplete"] == ["early", "B"]
+    assert result["totals"]["inconclusive"] == 4
+
+
+def test_report_on_a_glob_skips_files_and_reads_parent_directories(runs, tmp_path, capsys):
+    parent = tmp_path / "break_even"
+    parent.mkdir()
+    for name in ("A", "B"):
+        Path(runs[name]).rename(parent / f"lr_{name}")
+    (parent / "summary.json").write_text('{"runs": []}')
+    glob = sorted(str(p) for p in parent.iterdir())  # what the shell gives for runs/break_even/*
+    assert main(["report", *glob, "--no-plots"]) == 0
+    captured = capsys.readouterr()
+    assert f"skipping {parent / 'summary.json'}: a file, not a run directory" in captured.err
+    assert [b.split()[0] for b in captured.out.split("== ")[1:]] == [
+        str(parent / "lr_A"),
+        str(parent / "lr_B"),
+    ]
+    # the parent itself stands for the runs inside it (listed once with them)
+    assert main(["summary", str(parent), str(parent / "lr_A")]) == 0
+    captured = capsys.readouterr()
+    assert f"{parent} is not a run directory: reading the 2 run directories inside it" in captured.err
+    assert captured.out.strip().endswith("total: 4 agree, 0 disagree, 0 tie, 0 missing")
+    # a path that does not exist is still an error
+    assert main(["report", *glob, str(tmp_path / "typo"), "--no-plots"]) == 2
+    assert f"run directory not found: {tmp_path / 'typo'}" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["summary", str(tmp_path / "empty"), str(parent / "summary.json")]) == 2
+    assert "no run directories among the arguments" in capsys.readouterr().err
+
+
+def test_corrupt_files_are_named_and_a_corrupt_summary_is_recomputed(runs, capsys):
+    summary_path = Path(runs["A"]) / "summary.json"
+    summary_path.write_text("{not json")
+    assert main(["report", runs["A"], "--no-plots"]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: {summary_path}: not valid JSON" in captured.err
+    assert "break-even: step 150" in captured.out and "incomplete" not in captured.out
+    config_path = Path(runs["C"]) / "config.json"
+    config_path.write_text('{"lr": 0.1,')
+    assert main(["summary", runs["A"], runs["C"]]) == 2
+    assert f"{config_path}: not valid JSON" in capsys.readouterr().err
+    records = Path(runs["B"]) / "measurements.jsonl"
+    lines = records.read_text().splitlines(keepends=True)
+    records.write_text("".join([lines[0], "42\n", *lines[1:]]))
+    assert main(["report", runs["B"], "--no-plots"]) == 2
+    assert f"{records}:2: not a JSON object" in capsys.readouterr().err
+
+
+def test_unknown_figure_format_is_rejected_with_the_choices(runs, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["report", runs["A"], "--formats", "png,xyz"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown figure format xyz; choose from png, pdf, svg" in err
+    assert main(["report", runs["A"], "--formats", "SVG", "--out", str(Path(runs["A"]) / "f")]) == 0
+    assert (Path(runs["A"]) / "f" / "A_breakeven.svg").exists()

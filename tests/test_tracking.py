@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -587,3 +588,167 @@ def test_non_finite_values_never_reach_json(tmp_path):
     with RunLog(tmp_path) as log:
         log.log_measurement({"step": 0, "x": [1.0, math.nan], "y": {"z": -math.inf}})
     assert read_run(tmp_path).records == [{"step": 0, "x": [1.0, None], "y": {"z": None}}]
+
+
+# --------------------------------------------------------------------------- resuming and reading killed runs
+
+
+def _train(opt, model, x, y, steps):
+    for step in steps:
+        idx = torch.arange(step % 3 * 16, step % 3 * 16 + 16)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+
+
+def _optimizer(run_log, seed=0):
+    from sgdbreak import BreakEvenDetector, BreakEvenSGD, Probe
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(48, 1, 4, 4, generator=g), torch.randint(0, 3, (48,), generator=g)
+    # fires on the first full measurement (step 2), so the event is in the replayed range
+    detector = BreakEvenDetector(
+        rules=("stability",), stability_keys=("stability_ratio",), stability_threshold=1e-9
+    )
+    opt = BreakEvenSGD(
+        model.parameters(), lr=0.1, probe=Probe(model, torch.nn.CrossEntropyLoss(), (x, y)),
+        measure_every=2, cheap_every=None, measurements=("hessian",), detector=detector,
+        loggers=[run_log],
+    )
+    return model, opt, x, y
+
+
+def _without_time(records):
+    return [{k: v for k, v in r.items() if k != "measure_seconds"} for r in records]
+
+
+@pytest.mark.filterwarnings("ignore:.*already holds steps:RuntimeWarning")
+@pytest.mark.parametrize("resume_step", [None, 0, 6])
+def test_breakevensgd_resumed_from_an_older_checkpoint_logs_each_step_once(tmp_path, resume_step):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    model, opt, x, y = _optimizer(RunLog(ref_dir))
+    _train(opt, model, x, y, range(20))
+    opt.monitor.close()
+    # the interrupted run: checkpoint at step 6 (or 0), killed after step 14
+    ckpt_step = 6 if resume_step is None else resume_step
+    model, opt, x, y = _optimizer(RunLog(run_dir))
+    _train(opt, model, x, y, range(ckpt_step))
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    _train(opt, model, x, y, range(ckpt_step, 14))
+    log = RunLog(run_dir, mode="a", resume_step=resume_step)
+    model, opt, x, y = _optimizer(log)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    assert opt.monitor.step == ckpt_step
+    _train(opt, model, x, y, range(ckpt_step, 20))
+    opt.monitor.close()
+    ref, run = read_run(ref_dir), read_run(run_dir)
+    assert [r["step"] for r in run.records] == list(range(2, 21, 2))
+    assert _without_time(run.records) == _without_time(ref.records)
+    assert [e["event"] for e in run.events] == ["break_even"]
+    assert run.events == ref.events
+
+
+def test_resume_skips_records_already_in_the_run_directory_with_a_warning(tmp_path):
+    with RunLog(tmp_path, {"lr": 0.1}) as log:
+        for step in (1, 2, 3):
+            log.log_measurement({"step": step, "lambda1_H": float(step)})
+        log.log_event({"event": "skipped", "step": 2, "reason": "x"})
+    log = RunLog(tmp_path, mode="a")
+    with pytest.warns(RuntimeWarning, match=r"already holds steps up to 3.*resume_step"):
+        log.log_measurement({"step": 2, "lambda1_H": 20.0})
+    log.log_event({"event": "skipped", "step": 2, "reason": "x"})
+    log.log_measurement({"step": 3, "train_accuracy": 0.5})
+    log.log_measurement({"step": 4, "lambda1_H": 4.0})
+    log.log_event({"note": "no step", "event": "custom"})
+    log.close()
+    run = read_run(tmp_path)
+    assert [(r["step"], r.get("lambda1_H")) for r in run.records] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    assert [e["event"] for e in run.events] == ["skipped", "custom"]
+    assert run.summary["num_records"] == 4
+
+
+def test_resume_step_truncates_atomically_and_only_when_asked(tmp_path, monkeypatch):
+    with RunLog(tmp_path, {"lr": 0.1}) as log:
+        for step in range(1, 6):
+            log.log_measurement({"step": step})
+        log.log_event({"event": "break_even", "step": 2, "detected_at": 4})
+        log.log_event({"event": "skipped", "step": 3})
+        log.log_event({"event": "custom"})  # no step: kept
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match="mode='a'"):
+        RunLog(tmp_path, mode="w", resume_step=3)
+    with pytest.raises(ValueError, match="resume_step"):
+        RunLog(tmp_path, mode="a", resume_step=-1)
+
+    def failing_replace(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        RunLog(tmp_path, mode="a", resume_step=3)
+    monkeypatch.undo()
+    for name in ("measurements.jsonl", "events.jsonl", "config.json"):
+        assert (tmp_path / name).read_bytes() == before[name], name
+    assert not list(tmp_path.glob("*.tmp"))
+    log = RunLog(tmp_path, mode="a", resume_step=3)
+    assert not (tmp_path / "summary.json").exists(), "a resumed run is not complete"
+    assert not read_run(tmp_path).complete
+    assert [r["step"] for r in read_run(tmp_path).records] == [1, 2, 3]
+    assert [e["event"] for e in read_run(tmp_path).events] == ["skipped", "custom"]
+    log.truncate_after(2)
+    assert [r["step"] for r in log.records] == [1, 2]
+    log.log_measurement({"step": 3, "lambda1_H": 9.0})
+    log.close()
+    run = read_run(tmp_path)
+    assert run.complete and run.summary["max_lambda1_H"] == 9.0
+    assert [r["step"] for r in run.records] == [1, 2, 3]
+    with pytest.raises(RuntimeError, match="closed"):
+        log.truncate_after(1)
+
+
+def test_read_run_rejects_lines_that_are_not_objects(tmp_path):
+    with RunLog(tmp_path, {"lr": 0.1}) as log:
+        log.log_measurement({"step": 1})
+    path = tmp_path / "measurements.jsonl"
+    path.write_text(path.read_text() + "[1, 2]\n" + '{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"measurements.jsonl:2: .*not a JSON object"):
+        read_run(tmp_path)
+    # a last line without its newline that is not an object counts as torn
+    path.write_text('{"step": 1}\n3')
+    assert read_run(tmp_path).records == [{"step": 1}]
+    with RunLog(tmp_path, mode="a") as log:
+        log.log_measurement({"step": 2})
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_read_run_names_a_corrupt_config_and_recomputes_a_corrupt_summary(tmp_path):
+    with RunLog(tmp_path, {"lr": 0.1}) as log:
+        log.log_measurement({"step": 1, "lambda1_H": 2.0})
+    (tmp_path / "summary.json").write_text('{"max_lambda1_H": ')
+    with pytest.warns(RuntimeWarning, match=rf"{tmp_path / 'summary.json'}.*not valid JSON"):
+        run = read_run(tmp_path)
+    assert run.summary is None and run.complete
+    assert run.summarize()["max_lambda1_H"] == 2.0
+    (tmp_path / "summary.json").write_text("[]")
+    with pytest.warns(RuntimeWarning, match="not a JSON object"):
+        read_run(tmp_path)
+    for text in ("{lr: 0.1}", "[0.1]"):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"{tmp_path / 'config.json'}: .*fix or remove"):
+            read_run(tmp_path)
+        with pytest.raises(ValueError, match="config.json"):
+            RunLog(tmp_path, mode="a")
+
+
+def test_killed_run_is_incomplete_and_a_directory_with_only_a_summary_is_no_run(tmp_path):
+    log = RunLog(tmp_path / "run", {"lr": 0.1})
+    log.log_measurement({"step": 1})
+    assert not read_run(tmp_path / "run").complete
+    log.close()
+    assert read_run(tmp_path / "run").complete
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        read_run(tmp_path)
