@@ -356,6 +356,11 @@ class BreakEvenMonitor:
         for key in ("lr", "momentum"):
             if key in hyper:
                 record[key] = hyper[key]
+        if hyper.get("lr", 0) > 0:  # the figures' edge of stability, from the one formula
+            record["edge_sharpness"] = (
+                be.stability_threshold(hyper.get("momentum", 0.0), dampening=hyper.get("dampening", 0.0),
+                                       nesterov=hyper["nesterov"]) / hyper["lr"]
+                - hyper.get("weight_decay", 0.0))
         selected = self._selected(full)
         ctx = MeasurementContext(step=self.step, probe=self.probe, optimizer=self.optimizer, hyper=hyper,
                                  generator=self.generator, before=before, full=full)

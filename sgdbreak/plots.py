@@ -32,15 +32,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import breakeven as be
 from .tracking import Run, moving_average, read_run
 
 __all__ = [
     "PANELS",
     "PlotResult",
+    "edge_sharpness",
     "plot_comparison",
     "plot_run",
     "run_label",
-    "stability_threshold",
 ]
 
 #: Panel keys and their axis labels, in drawing order.
@@ -71,21 +72,26 @@ def _as_run(run: Run | str | os.PathLike) -> Run:
     raise TypeError(f"expected a Run or a run directory, got {type(run).__name__}")
 
 
-def stability_threshold(run: Run, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
-    """The edge of stability 2(1+β)/η per record (paper Eq. 1, heavy-ball momentum β).
+def edge_sharpness(run: Run, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
+    """λ1^H at the edge of stability per record: the dashed line of the figures.
 
-    Computed record by record because the learning rate may change during the run.
-    Records without a positive ``lr`` are skipped; a missing ``momentum`` counts as 0.
+    Read from the records' ``edge_sharpness`` (threshold/η − weight decay, written by the
+    monitor with the optimizer's Nesterov, dampening and weight decay), so the line and the
+    logged ``stability_ratio`` agree. Records of older runs without it fall back to
+    :func:`sgdbreak.breakeven.stability_threshold` of their ``lr`` and ``momentum``.
+    Records without a positive ``lr`` are skipped; the learning rate may change mid-run.
     """
     xs, ys = [], []
     for rec in run.records:
-        lr, xv = rec.get("lr"), rec.get(x)
+        lr, xv, edge = rec.get("lr"), rec.get(x), rec.get("edge_sharpness")
         if not isinstance(lr, (int, float)) or lr <= 0 or not isinstance(xv, (int, float)):
             continue
-        beta = rec.get("momentum")
-        beta = beta if isinstance(beta, (int, float)) else 0.0
+        if not isinstance(edge, (int, float)):
+            beta = rec.get("momentum")
+            beta = beta if isinstance(beta, (int, float)) else 0.0
+            edge = be.stability_threshold(beta) / lr
         xs.append(float(xv))
-        ys.append(2.0 * (1.0 + beta) / lr)
+        ys.append(float(edge))
     return np.asarray(xs), np.asarray(ys)
 
 
@@ -199,7 +205,7 @@ def plot_run(
         ax.plot(xs, moving_average(ys, window), "-", color="C0", lw=1.6, label="smoothed")
         plotted = [ys]
         if key == "lambda1_H":
-            sx, sy = stability_threshold(run, x=x)
+            sx, sy = edge_sharpness(run, x=x)
             if sx.size:
                 ax.step(
                     sx, sy, where="post", ls="--", color="k", lw=1.0, label=r"$2(1+\beta)/\eta$"
@@ -267,7 +273,7 @@ def plot_comparison(
                 ax.plot(xs, moving_average(ys, window), "-", color=color, lw=1.6, label=label)
                 plotted.append(ys)
             if key == "lambda1_H":
-                sx, sy = stability_threshold(run, x=x)
+                sx, sy = edge_sharpness(run, x=x)
                 if sx.size:
                     ax.step(sx, sy, where="post", ls="--", color=color, lw=0.8)
                     plotted.append(sy)

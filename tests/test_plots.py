@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from sgdbreak.plots import plot_comparison, plot_run, stability_threshold
+from sgdbreak.plots import edge_sharpness, plot_comparison, plot_run
 from sgdbreak.tracking import RunLog, read_run
 
 
@@ -124,11 +124,37 @@ def test_plot_comparison_overlays_runs(tmp_path):
         plot_comparison(runs, ["only one"])
 
 
-def test_stability_threshold_skips_records_without_lr(tmp_path):
+def test_edge_sharpness_skips_records_without_lr_and_reads_the_logged_edge(tmp_path):
     with RunLog(tmp_path) as log:
         log.log_measurement({"step": 0, "lr": 0.5})
         log.log_measurement({"step": 1})
         log.log_measurement({"step": 2, "lr": 0.25, "momentum": 0.5})
-    xs, ys = stability_threshold(read_run(tmp_path))
-    np.testing.assert_allclose(xs, [0, 2])
-    np.testing.assert_allclose(ys, [4.0, 12.0])
+        log.log_measurement({"step": 3, "lr": 0.25, "momentum": 0.5, "edge_sharpness": 4.75})
+    xs, ys = edge_sharpness(read_run(tmp_path))
+    np.testing.assert_allclose(xs, [0, 2, 3])
+    np.testing.assert_allclose(ys, [4.0, 12.0, 4.75])
+
+
+@pytest.mark.parametrize("config", [dict(momentum=0.9, nesterov=True), dict(momentum=0.5, dampening=0.5),
+                                    dict(momentum=0.9, weight_decay=0.1), dict()])
+def test_the_dashed_line_agrees_with_the_logged_stability_ratio(config):
+    """One formula: at λ1^H = edge_sharpness the logged stability_ratio would be exactly 1."""
+    import torch
+    from torch import nn
+
+    from sgdbreak import BreakEvenSGD, Probe, stability_ratio
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    opt = BreakEvenSGD(model.parameters(), lr=0.1, probe=Probe(model, nn.CrossEntropyLoss(), (x, y)),
+                       measure_every=1, cheap_every=None, **config)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    record = opt.latest
+    edge = record["edge_sharpness"]
+    kwargs = {k: v for k, v in config.items() if k != "momentum"}
+    assert stability_ratio(0.1, edge, config.get("momentum", 0.0), **kwargs) == pytest.approx(1.0)
+    wd = config.get("weight_decay", 0.0)
+    assert record["stability_ratio"] == pytest.approx((record["lambda1_H"] + wd) / (edge + wd))
