@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _validation as V
+
 __all__ = [
     "DEFAULT_QUALITY_KEYS",
     "RULES",
@@ -53,25 +55,6 @@ DEFAULT_QUALITY_KEYS = {
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _real(name: str, value: Any) -> float:
-    """Returns ``value`` as a finite float, or raises naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    x = float(value)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return x
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    """Returns ``value`` as an int >= ``minimum``, or raises naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _keys(name: str, value: Any) -> tuple[str, ...]:
@@ -118,8 +101,8 @@ def stability_threshold(
         >>> stability_threshold(), stability_threshold(0.9)
         (2.0, 3.8)
     """
-    beta = _real("momentum", momentum)
-    tau = _real("dampening", dampening)
+    beta = V.real("momentum", momentum)
+    tau = V.real("dampening", dampening)
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     if not 0.0 <= tau < 1.0:
@@ -168,9 +151,9 @@ def stability_ratio(
         >>> stability_ratio(0.1, 20.0)
         1.0
     """
-    eta = _real("lr", lr)
-    lam = _real("lambda1_H", lambda1_H)
-    wd = _real("weight_decay", weight_decay)
+    eta = V.real("lr", lr)
+    lam = V.real("lambda1_H", lambda1_H)
+    wd = V.real("weight_decay", weight_decay)
     if eta < 0.0:
         raise ValueError(f"lr must be >= 0, got {lr!r}")
     if wd < 0.0:
@@ -209,11 +192,11 @@ def eq1_lhs(
         >>> eq1_lhs(0.1, 20.0, 0.0, dataset_size=100, batch_size=10)
         1.0
     """
-    eta = _real("lr", lr)
-    lam = _real("lambda1_H", lambda1_H)
-    s2 = _real("curvature_variance", curvature_variance)
-    n = _integer("dataset_size", dataset_size, 2)
-    s = _integer("batch_size", batch_size, 1)
+    eta = V.real("lr", lr)
+    lam = V.real("lambda1_H", lambda1_H)
+    s2 = V.real("curvature_variance", curvature_variance)
+    n = V.integer("dataset_size", dataset_size, 2)
+    s = V.integer("batch_size", batch_size, 1)
     if eta < 0.0:
         raise ValueError(f"lr must be >= 0, got {lr!r}")
     if s2 < 0.0:
@@ -367,21 +350,21 @@ class BreakEvenDetector:
                 raise ValueError(f"rules: unknown rule {rule!r}; known rules are {RULES}")
         self._stability_keys = _keys("stability_keys", stability_keys)
         self._peak_keys = _keys("peak_keys", peak_keys)
-        self._stability_threshold = _real("stability_threshold", stability_threshold)
-        self._eq1_threshold = _real("eq1_threshold", eq1_threshold)
+        self._stability_threshold = V.real("stability_threshold", stability_threshold)
+        self._eq1_threshold = V.real("eq1_threshold", eq1_threshold)
         if self._stability_threshold <= 0.0:
             raise ValueError(f"stability_threshold must be > 0, got {stability_threshold!r}")
         if self._eq1_threshold <= 0.0:
             raise ValueError(f"eq1_threshold must be > 0, got {eq1_threshold!r}")
-        self._confirm = _integer("confirm", confirm, 1)
-        self._patience = _integer("patience", patience, 1)
-        self._peak_drop = _real("peak_drop", peak_drop)
+        self._confirm = V.integer("confirm", confirm, 1)
+        self._patience = V.integer("patience", patience, 1)
+        self._peak_drop = V.real("peak_drop", peak_drop)
         if not 0.0 < self._peak_drop < 1.0:
             raise ValueError(f"peak_drop must be in (0, 1), got {peak_drop!r}")
-        self._smoothing = _real("smoothing", smoothing)
+        self._smoothing = V.real("smoothing", smoothing)
         if not 0.0 <= self._smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
-        self._min_rise = _real("min_rise", min_rise)
+        self._min_rise = V.real("min_rise", min_rise)
         if self._min_rise < 1.0:
             raise ValueError(f"min_rise must be >= 1, got {min_rise!r}")
         quality = DEFAULT_QUALITY_KEYS if quality_keys is None else quality_keys

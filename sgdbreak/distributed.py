@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _validation as V
 from .errors import NonFiniteMeasurement
 from .hessian import HessianOperator, flatten
 from .noise import NoiseScaleTracker, covariance_spectrum, two_batch_noise_scale
@@ -188,12 +189,6 @@ def _unwrap_model(model: nn.Module, accelerator=None) -> nn.Module:
     return model
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
 # --------------------------------------------------------------------------- the probe
 
 
@@ -266,8 +261,8 @@ class DistributedProbe(Probe):
         accelerator=None,
         **probe_kwargs: Any,
     ):
-        _check_choice("uneven", uneven, ("error", "trim"))
-        _check_choice("microbatches", microbatches, ("auto", "global", "local"))
+        V.choice("uneven", uneven, ("error", "trim"))
+        V.choice("microbatches", microbatches, ("auto", "global", "local"))
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         model = _unwrap_model(model, accelerator)

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import _validation as V
+
 __all__ = [
     "MLP",
     "LSTMClassifier",
@@ -66,20 +68,6 @@ def num_parameters(module: nn.Module, *, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value  # type: ignore[return-value]
-
-
 class SimpleCNN(nn.Module):
     """The paper's "SimpleCNN": four 3×3 convolutions, two max-pools and two dense layers.
 
@@ -117,9 +105,9 @@ class SimpleCNN(nn.Module):
         init: str = "glorot",
     ) -> None:
         super().__init__()
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("num_classes", num_classes)
-        _check_choice("init", init, ("glorot", "default"))
+        V.integer("in_channels", in_channels, 1)
+        V.integer("num_classes", num_classes, 1)
+        V.choice("init", init, ("glorot", "default"))
         height, width = self._parse_image_size(image_size)
         self.image_size = (height, width)
         self.batchnorm = bool(batchnorm)
@@ -201,14 +189,14 @@ class MLP(nn.Module):
         init: str = "default",
     ) -> None:
         super().__init__()
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("num_classes", num_classes)
-        _check_choice("activation", activation, ("tanh", "relu"))
-        _check_choice("init", init, ("default", "glorot"))
+        V.integer("in_features", in_features, 1)
+        V.integer("num_classes", num_classes, 1)
+        V.choice("activation", activation, ("tanh", "relu"))
+        V.choice("init", init, ("default", "glorot"))
         if isinstance(hidden, int) or not isinstance(hidden, Sequence):
             raise TypeError(f"hidden must be a sequence of ints such as (200, 200), got {hidden!r}")
         for width in hidden:
-            _check_positive_int("each hidden width", width)
+            V.integer("each hidden width", width, 1)
         self.in_features = in_features
         act = nn.Tanh if activation == "tanh" else nn.ReLU
         layers: list[nn.Module] = [nn.Flatten()]
@@ -300,11 +288,11 @@ class ResNetCIFAR(nn.Module):
         init: str = "kaiming",
     ) -> None:
         super().__init__()
-        _check_positive_int("blocks_per_stage", blocks_per_stage)
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("in_channels", in_channels)
-        _check_choice("shortcut", shortcut, ("A", "B"))
-        _check_choice("init", init, ("kaiming", "glorot", "default"))
+        V.integer("blocks_per_stage", blocks_per_stage, 1)
+        V.integer("num_classes", num_classes, 1)
+        V.integer("in_channels", in_channels, 1)
+        V.choice("shortcut", shortcut, ("A", "B"))
+        V.choice("init", init, ("kaiming", "glorot", "default"))
         self.batchnorm = bool(batchnorm)
         self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=not batchnorm)
         self.bn = nn.BatchNorm2d(16) if batchnorm else nn.Identity()
@@ -395,13 +383,13 @@ class LSTMClassifier(nn.Module):
         pooling: str = "last",
     ) -> None:
         super().__init__()
-        _check_positive_int("vocab_size", vocab_size, minimum=2)
-        _check_positive_int("embed_dim", embed_dim)
-        _check_positive_int("hidden_size", hidden_size)
-        _check_positive_int("num_classes", num_classes)
-        _check_choice("pooling", pooling, ("last", "mean"))
+        V.integer("vocab_size", vocab_size, minimum=2)
+        V.integer("embed_dim", embed_dim, 1)
+        V.integer("hidden_size", hidden_size, 1)
+        V.integer("num_classes", num_classes, 1)
+        V.choice("pooling", pooling, ("last", "mean"))
         if padding_idx is not None:
-            _check_positive_int("padding_idx", padding_idx, minimum=0)
+            V.integer("padding_idx", padding_idx, minimum=0)
             if padding_idx >= vocab_size:
                 raise ValueError(
                     f"padding_idx must be < vocab_size={vocab_size}, got {padding_idx}"

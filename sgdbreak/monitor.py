@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from . import _validation as V
 from . import breakeven as be
 from . import quantities as q
 from .errors import NonFiniteMeasurement
@@ -151,12 +152,8 @@ class BreakEvenMonitor:
             raise TypeError(f"BreakEvenMonitor got unexpected keyword arguments {unknown}")
         if quantities is not None and settings:
             raise TypeError(f"pass either quantities= or the settings {sorted(settings)}, not both")
-        for name, value, low in (("group", group, 0), ("seed", seed, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if steps_per_epoch is not None and (
-                not isinstance(steps_per_epoch, int) or isinstance(steps_per_epoch, bool) or steps_per_epoch < 1):
-            raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
+        group, seed = V.integer("group", group, 0), V.integer("seed", seed, 0)
+        steps_per_epoch = V.optional_integer("steps_per_epoch", steps_per_epoch, 1)
         self.probe = probe
         self.optimizer: torch.optim.Optimizer | None = None
         self.measure_trigger = Adaptive() if measure_every == "default" else as_trigger(measure_every)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _validation as V
 from .errors import NonFiniteMeasurement
 
 __all__ = [
@@ -111,15 +112,6 @@ def _check_samples(samples: object) -> tuple[int, int]:
             f"sample must be finite"
         )
     return num, dim
-
-
-def _check_positive_number(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive real number, got {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
 
 
 def _helmert_basis(n: int) -> Tensor:
@@ -274,7 +266,7 @@ def covariance_spectrum(
             f"k must satisfy 1 <= k <= L - 1 = {num - 1} (L = {num} centered samples span at "
             f"most L - 1 directions), got k={k}"
         )
-    scale = _check_positive_number(scale, "scale")
+    scale = V.real("scale", scale, positive=True)
 
     evals, trace, lift = _gram_eigh(samples)
     rank_cap = evals.numel()  # min(L - 1, D)
@@ -443,8 +435,8 @@ class TwoBatchNoiseScale:
 def _two_batch_estimates(
     small_norm_sq: object, small_batch: object, big_norm_sq: object, big_batch: object
 ) -> tuple[float, float, float, float]:
-    small = _check_positive_number(small_batch, "small_batch")
-    big = _check_positive_number(big_batch, "big_batch")
+    small = V.real("small_batch", small_batch, positive=True)
+    big = V.real("big_batch", big_batch, positive=True)
     if not big > small:
         raise ValueError(
             f"big_batch must be larger than small_batch, got small_batch={small_batch!r}, "

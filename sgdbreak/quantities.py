@@ -39,6 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from . import _validation as V
 from . import breakeven as be
 from .hessian import eigenvalues_of_operator
 from .linalg import hutchinson_trace
@@ -151,16 +152,6 @@ class MeasurementContext:
 # --------------------------------------------------------------------------- validation
 
 
-def _int_setting(quantity: str, name: str, value: Any, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{quantity}: {name} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def _optional_int_setting(quantity: str, name: str, value: Any) -> int | None:
-    return None if value is None else _int_setting(quantity, name, value, 1)
-
-
 def _needs_two(quantity: str, name: str, size: int, probe: Probe) -> None:
     """Train-mode BatchNorm1d cannot normalise a batch of one example."""
     if size < 2 and not probe.single_example_batches:
@@ -199,13 +190,10 @@ class Sharpness:
 
     def __init__(self, k: int = 1, *, tol: float = 1e-3, max_hvps: int = 30,
                  cold_restart_every: int | None = None):
-        self.k = _int_setting("Sharpness", "k", k, 1)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-            raise ValueError(f"Sharpness: tol must be > 0, got {tol!r}")
-        self.tol = float(tol)
-        self.max_hvps = _int_setting("Sharpness", "max_hvps", max_hvps, 1)
-        self.cold_restart_every = _optional_int_setting("Sharpness", "cold_restart_every",
-                                                        cold_restart_every)
+        self.k = V.integer("Sharpness: k", k, 1)
+        self.tol = V.real("Sharpness: tol", tol, positive=True)
+        self.max_hvps = V.integer("Sharpness: max_hvps", max_hvps, 1)
+        self.cold_restart_every = V.optional_integer("Sharpness: cold_restart_every", cold_restart_every)
         self.warm_vectors: Tensor | None = None
         self.num_solves = 0
 
@@ -259,7 +247,7 @@ class HessianTrace:
     uses_hessian = True
 
     def __init__(self, samples: int = 10):
-        self.samples = _int_setting("HessianTrace", "samples", samples, 2)
+        self.samples = V.integer("HessianTrace: samples", samples, 2)
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         op = ctx.hessian_operator()
@@ -286,11 +274,11 @@ class CurvatureVariance:
     name = "curvature_variance"
 
     def __init__(self, *, dataset_size: int, batch_size: int, groups: int = 8):
-        self.dataset_size = _int_setting("CurvatureVariance", "dataset_size", dataset_size, 1)
-        self.batch_size = _int_setting("CurvatureVariance", "batch_size", batch_size, 1)
+        self.dataset_size = V.integer("CurvatureVariance: dataset_size", dataset_size, 1)
+        self.batch_size = V.integer("CurvatureVariance: batch_size", batch_size, 1)
         if batch_size > dataset_size:
             raise ValueError(f"CurvatureVariance: batch_size={batch_size} exceeds dataset_size={dataset_size}")
-        self.groups = _int_setting("CurvatureVariance", "groups", groups, 2)
+        self.groups = V.integer("CurvatureVariance: groups", groups, 2)
 
     def setup(self, probe: Probe, seed: int) -> None:
         self.groups = min(self.groups, probe.num_examples)
@@ -336,9 +324,9 @@ class GradientNoise:
         if method not in ("microbatch", "per_example"):
             raise ValueError(f"GradientNoise: method must be 'microbatch' or 'per_example', got {method!r}")
         self.method = method
-        self.samples = _int_setting("GradientNoise", "samples", samples, 2)
-        self.batch_size = _optional_int_setting("GradientNoise", "batch_size", batch_size)
-        self.k = _int_setting("GradientNoise", "k", k, 1)
+        self.samples = V.integer("GradientNoise: samples", samples, 2)
+        self.batch_size = V.optional_integer("GradientNoise: batch_size", batch_size)
+        self.k = V.integer("GradientNoise: k", k, 1)
 
     def setup(self, probe: Probe, seed: int) -> None:
         n = probe.num_examples
@@ -420,7 +408,7 @@ class UpdateSharpness:
     needs_update = True
 
     def __init__(self, examples: int = 128):
-        self.examples = _int_setting("UpdateSharpness", "examples", examples, 1)
+        self.examples = V.integer("UpdateSharpness: examples", examples, 1)
         self.calibration: float | None = None  # EMA of lambda1_H / update_sharpness
 
     def setup(self, probe: Probe, seed: int) -> None:
@@ -506,12 +494,11 @@ class AlphaStar:
     needs_update = True
 
     def __init__(self, examples: int = 128, *, rise: float = 1.2, max_alpha: float = 1024.0):
-        self.examples = _int_setting("AlphaStar", "examples", examples, 1)
-        if not rise > 1:
-            raise ValueError(f"AlphaStar: rise must be > 1, got {rise!r}")
-        if not max_alpha >= 1:
-            raise ValueError(f"AlphaStar: max_alpha must be >= 1, got {max_alpha!r}")
-        self.rise, self.max_alpha = float(rise), float(max_alpha)
+        self.examples = V.integer("AlphaStar: examples", examples, 1)
+        self.rise = V.real("AlphaStar: rise", rise)
+        self.max_alpha = V.real("AlphaStar: max_alpha", max_alpha)
+        if self.rise <= 1 or self.max_alpha < 1:
+            raise ValueError(f"AlphaStar: rise must be > 1 and max_alpha >= 1, got {rise!r}, {max_alpha!r}")
 
     def setup(self, probe: Probe, seed: int) -> None:
         self.indices = _subset(probe, self.examples, seed)

@@ -14,13 +14,13 @@ Neither touches ``p.grad``, the model's mode or its buffers.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _validation as V
 from .errors import NonFiniteMeasurement
 
 __all__ = [
@@ -29,14 +29,6 @@ __all__ = [
     "microbatch_gradients",
     "per_example_gradients",
 ]
-
-
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _param_list(params: Iterable[Tensor]) -> list[Tensor]:
@@ -110,9 +102,9 @@ def batch_mean_covariance_scale(num_examples: int, batch_size: int, num_samples:
     sample covariance is K N/(M (N − 1)), so the factor is M (N − 1)/N. Both tend to M
     for N ≫ M; for M = N/2 the naive M is off by 2×.
     """
-    num_examples = _check_int(num_examples, "num_examples", 2)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    num_samples = _check_int(num_samples, "num_samples", 2)
+    num_examples = V.integer("num_examples", num_examples, 2)
+    batch_size = V.integer("batch_size", batch_size, 1)
+    num_samples = V.integer("num_samples", num_samples, 2)
     if num_samples * batch_size <= num_examples:
         return batch_size * (num_examples - 1) / num_examples
     if batch_size >= num_examples:
@@ -138,9 +130,9 @@ def draw_batches(
     Returns:
         A ``(num_samples, batch_size)`` int64 CPU tensor.
     """
-    num_examples = _check_int(num_examples, "num_examples", 1)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    num_samples = _check_int(num_samples, "num_samples", 1)
+    num_examples = V.integer("num_examples", num_examples, 1)
+    batch_size = V.integer("batch_size", batch_size, 1)
+    num_samples = V.integer("num_samples", num_samples, 1)
     if batch_size > num_examples:
         raise ValueError(
             f"batch_size={batch_size} exceeds num_examples={num_examples}: a batch draws "
@@ -293,7 +285,7 @@ def per_example_gradients(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    chunk_size = _check_int(chunk_size, "chunk_size", 1)
+    chunk_size = V.integer("chunk_size", chunk_size, 1)
     for name, module in model.named_modules():
         if isinstance(module, _BatchNorm) and module.training:
             raise ValueError(

@@ -13,20 +13,16 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import _validation as V
+
 Trigger = Callable[[int], bool]
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class Every:
     """Fire every ``n`` steps (steps n, 2n, …, shifted by ``offset``)."""
 
     def __init__(self, n: int, *, offset: int = 0):
-        self.n = _positive_int("n", n)
+        self.n = V.integer("n", n, 1)
         self.offset = offset
 
     def __call__(self, step: int) -> bool:
@@ -45,8 +41,8 @@ class DenseUntilBreakEven:
     """
 
     def __init__(self, every: int = 10, after: int = 50):
-        self.every = _positive_int("every", every)
-        self.after = _positive_int("after", after)
+        self.every = V.integer("every", every, 1)
+        self.after = V.integer("after", after, 1)
         self.settled = False
 
     def __call__(self, step: int) -> bool:
@@ -72,8 +68,8 @@ class LogSpaced:
     """
 
     def __init__(self, per_decade: int = 8, *, start: int = 1):
-        self.per_decade = _positive_int("per_decade", per_decade)
-        self.start = _positive_int("start", start)
+        self.per_decade = V.integer("per_decade", per_decade, 1)
+        self.start = V.integer("start", start, 1)
 
     def __call__(self, step: int) -> bool:
         if step < self.start:
@@ -92,8 +88,8 @@ class PerEpoch:
     """Fire ``times`` times per epoch of ``steps_per_epoch`` steps (at epoch ends by default)."""
 
     def __init__(self, steps_per_epoch: int, *, times: int = 1):
-        self.steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch)
-        self.times = _positive_int("times", times)
+        self.steps_per_epoch = V.integer("steps_per_epoch", steps_per_epoch, 1)
+        self.times = V.integer("times", times, 1)
 
     def __call__(self, step: int) -> bool:
         if step < 1:
@@ -129,9 +125,9 @@ class Adaptive:
         alarm: float | None = 0.5,
         key: str = "lambda1_H",
     ):
-        self.first = _positive_int("first", first)
-        self.min_every = _positive_int("min_every", min_every)
-        self.max_every = _positive_int("max_every", max_every)
+        self.first = V.integer("first", first, 1)
+        self.min_every = V.integer("min_every", min_every, 1)
+        self.max_every = V.integer("max_every", max_every, 1)
         if self.max_every < self.min_every:
             raise ValueError(f"max_every={max_every} must be >= min_every={min_every}")
         for name, value in (("factor", factor), ("settled_factor", settled_factor)):
