@@ -53,8 +53,10 @@ def worker(out_dir: Path, repeats: int) -> None:
     import torch.distributed as dist
 
     from sgdbreak import BreakEvenMonitor
-    from sgdbreak.distributed import DistributedProbe, ReplicaNoise, check_world_size
-    from sgdbreak.models import SimpleCNN
+    from sgdbreak.integrations.collectives import check_world_size
+    from sgdbreak.integrations.distributed_probe import DistributedProbe
+    from sgdbreak.integrations.replica_noise import ReplicaNoise
+    from sgdbreak.workloads.models import SimpleCNN
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -30,8 +30,8 @@ def child(variant: str, repeat: int) -> None:
     from torch import nn
 
     from sgdbreak import Probe, covariance_spectrum
-    from sgdbreak.noise import CountSketch
-    from sgdbreak.samples import per_example_gradients
+    from sgdbreak.estimators.noise import CountSketch
+    from sgdbreak.estimators.samples import per_example_gradients
 
     model, x, y, px, py = setup(probe_size=2560)
     crit = nn.CrossEntropyLoss()

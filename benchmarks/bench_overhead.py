@@ -30,7 +30,7 @@ from common import setup, table
 from torch import nn
 
 from sgdbreak import BreakEvenSGD, Probe
-from sgdbreak.datasets import batches
+from sgdbreak.workloads.datasets import batches
 
 
 def run(variant: str, args, model0, x, y, px, py):

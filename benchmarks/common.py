@@ -16,7 +16,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sgdbreak import datasets, models  # noqa: E402
+from sgdbreak.workloads import datasets, models  # noqa: E402
 
 
 def setup(num_examples: int = 5000, probe_size: int = 1000, seed: int = 0):

@@ -29,10 +29,13 @@ import torch
 from torch import nn
 
 import sgdbreak
-from sgdbreak import datasets, models
-from sgdbreak.cli import compare_runs
-from sgdbreak.distributed import DistributedProbe, prepare_monitor
-from sgdbreak.tracking import AccelerateLogger, RunLog, read_run, resolve_wandb_mode, summarize
+from sgdbreak.integrations.accelerate import prepare_monitor
+from sgdbreak.integrations.cli import compare_runs
+from sgdbreak.integrations.distributed_probe import DistributedProbe
+from sgdbreak.integrations.loggers import AccelerateLogger, resolve_wandb_mode
+from sgdbreak.integrations.rundir import RunLog, read_run
+from sgdbreak.integrations.summaries import summarize
+from sgdbreak.workloads import datasets, models
 
 
 def positive_int(text: str) -> int:
@@ -108,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cheap-every", type=positive_int, default=5, help="cheap update-sharpness signal every n steps")
     p.add_argument("--momentum", type=momentum, default=0.0, help="SGD momentum, in [0, 1)")
     p.add_argument("--measure", nargs="+", default=["hessian", "noise", "bn_gamma_norm"],
-                   choices=list(sgdbreak.monitor.MEASUREMENTS),
+                   choices=list(sgdbreak.measurement.monitor.MEASUREMENTS),
                    help="full measurement set (curvature_variance adds the Eq. 1 rule, alpha_star the α* line search)")
     p.add_argument("--init", choices=["glorot", "default"], default="glorot")
     p.add_argument("--report-to", choices=["none", "wandb", "tensorboard", "all"], default="none",
@@ -188,7 +191,7 @@ def train_one(lr: float, args, x, y, accelerator, run_dir: Path) -> dict:
         # A measurement recipe: after break-even it keeps twice the library default's
         # density (the interval doubles instead of growing 4x), so the curves past the peak
         # have enough points for the smoothed summaries.
-        measure_every=args.measure_every or sgdbreak.triggers.Adaptive(settled_factor=2.0),
+        measure_every=args.measure_every or sgdbreak.measurement.triggers.Adaptive(settled_factor=2.0),
         cheap_every=args.cheap_every, steps_per_epoch=steps_per_epoch, loggers=loggers, seed=args.seed,
         measurements=args.measure, dataset_size=len(x), batch_size=global_batch,
     )

@@ -3,25 +3,29 @@
 Implements the measurements of Jastrzebski et al., "The Break-Even Point on Optimization
 Trajectories of Deep Neural Networks" (ICLR 2020). ``import sgdbreak`` pulls in torch,
 numpy and scipy only; integrations (Accelerate, W&B, matplotlib) load lazily.
+
+Layout (one-way dependencies, top to bottom):
+
+* ``estimators``: pure functions on a loss closure or gradient samples (Lanczos,
+  Hutchinson, Hessian-vector products, the noise spectrum K);
+* ``measurement``: the probe, quantities (what to measure), triggers (when), the
+  monitor and the break-even detector;
+* ``optim``: ``BreakEvenSGD`` and the schedulers that read the monitor;
+* ``integrations``: several processes (Accelerate), run directories, trackers,
+  figures and the command line;
+* ``workloads``: the paper's models and offline data sets, for recipes and benchmarks;
+* ``testing``: oracles and Hypothesis strategies for users' tests.
 """
 
-from . import quantities, schedulers, triggers
-from .breakeven import (
-    BreakEvenDetector,
-    BreakEvenResult,
-    eq1_lhs,
-    stability_ratio,
-    stability_threshold,
-)
 from .errors import NonFiniteMeasurement
-from .hessian import (
+from .estimators.hessian import (
     HessianEigenResult,
     HessianOperator,
     HessianTraceResult,
     hessian_eigenvalues,
     hessian_trace,
 )
-from .linalg import (
+from .estimators.linalg import (
     EigenResult,
     TraceResult,
     as_linear_operator,
@@ -29,11 +33,28 @@ from .linalg import (
     lanczos,
     power_iteration,
 )
-from .monitor import BreakEvenMonitor
-from .noise import CovarianceSpectrum, covariance_spectrum, gradient_noise_scale, noise_metrics
-from .optim import BreakEvenSGD
-from .probe import Probe
-from .quantities import (
+from .estimators.noise import (
+    CovarianceSpectrum,
+    covariance_spectrum,
+    gradient_noise_scale,
+    noise_metrics,
+)
+from .integrations.accelerate import prepare_monitor
+from .integrations.collectives import check_world_size, is_main_process
+from .integrations.distributed_probe import DistributedProbe
+from .integrations.replica_noise import ReplicaNoise
+from .integrations.rundir import Run, RunLog, read_run
+from .measurement import quantities, triggers
+from .measurement.breakeven import (
+    BreakEvenDetector,
+    BreakEvenResult,
+    eq1_lhs,
+    stability_ratio,
+    stability_threshold,
+)
+from .measurement.monitor import BreakEvenMonitor
+from .measurement.probe import Probe
+from .measurement.quantities import (
     AlphaStar,
     BatchNormGamma,
     CurvatureVariance,
@@ -45,45 +66,55 @@ from .quantities import (
     UpdateSharpness,
     default_quantities,
 )
-from .schedulers import MonitoredLR
+from .optim import schedulers
+from .optim.schedulers import MonitoredLR
+from .optim.sgd import BreakEvenSGD
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AlphaStar",
     "BatchNormGamma",
-    "CurvatureVariance",
-    "GradientNoise",
-    "HessianTrace",
-    "MeasurementContext",
-    "Quantity",
-    "Sharpness",
-    "UpdateSharpness",
-    "default_quantities",
-    "quantities",
     "BreakEvenDetector",
     "BreakEvenMonitor",
     "BreakEvenResult",
     "BreakEvenSGD",
     "CovarianceSpectrum",
+    "CurvatureVariance",
+    "DistributedProbe",
     "EigenResult",
+    "GradientNoise",
     "HessianEigenResult",
     "HessianOperator",
+    "HessianTrace",
     "HessianTraceResult",
+    "MeasurementContext",
     "MonitoredLR",
     "NonFiniteMeasurement",
     "Probe",
+    "Quantity",
+    "ReplicaNoise",
+    "Run",
+    "RunLog",
+    "Sharpness",
     "TraceResult",
+    "UpdateSharpness",
     "as_linear_operator",
+    "check_world_size",
     "covariance_spectrum",
+    "default_quantities",
     "eq1_lhs",
     "gradient_noise_scale",
     "hessian_eigenvalues",
     "hessian_trace",
     "hutchinson_trace",
+    "is_main_process",
     "lanczos",
     "noise_metrics",
     "power_iteration",
+    "prepare_monitor",
+    "quantities",
+    "read_run",
     "schedulers",
     "stability_ratio",
     "stability_threshold",

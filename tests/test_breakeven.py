@@ -1,4 +1,4 @@
-"""Tests of sgdbreak.breakeven: stability formulas against simulation, the detector on streams."""
+"""Tests of sgdbreak.measurement.breakeven: stability formulas against simulation, the detector on streams."""
 
 import copy
 import dataclasses
@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sgdbreak.breakeven import (
+from sgdbreak.measurement.breakeven import (
     BreakEvenDetector,
     eq1_lhs,
     stability_ratio,
@@ -558,9 +558,9 @@ def test_single_string_rule_and_rule_names():
 def test_detector_module_imports_only_the_standard_library():
     import ast
 
-    import sgdbreak.breakeven
+    import sgdbreak.measurement.breakeven
 
-    tree = ast.parse(open(sgdbreak.breakeven.__file__).read())
+    tree = ast.parse(open(sgdbreak.measurement.breakeven.__file__).read())
     roots = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sgdbreak.cli import compare_runs, main
-from sgdbreak.tracking import RunLog, read_run
+from sgdbreak.integrations.cli import compare_runs, main
+from sgdbreak.integrations.rundir import RunLog, read_run
 
 REPO = Path(__file__).resolve().parents[1]
 CHECK_LINE = re.compile(
@@ -188,7 +188,7 @@ def test_missing_directory_is_a_clear_error(tmp_path, capsys):
 def test_module_entry_point(runs):
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
-        [sys.executable, "-m", "sgdbreak.cli", "summary", runs["A"], runs["B"]],
+        [sys.executable, "-m", "sgdbreak.integrations.cli", "summary", runs["A"], runs["B"]],
         capture_output=True,
         text=True,
         env=env,

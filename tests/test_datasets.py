@@ -1,4 +1,4 @@
-"""Tests for sgdbreak.datasets: raw-format readers on tiny fake files, embedded data, batching."""
+"""Tests for sgdbreak.workloads.datasets: raw-format readers on tiny fake files, embedded data, batching."""
 
 import gzip
 import hashlib
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from sgdbreak import datasets
-from sgdbreak.datasets import (
+from sgdbreak.workloads import datasets
+from sgdbreak.workloads.datasets import (
     batches,
     build_imdb_vocab,
     load_cifar10,
@@ -508,7 +508,7 @@ def test_batches_rejects_bad_arguments():
 
 
 def test_simple_cnn_learns_digits_with_these_batches():
-    from sgdbreak.models import SimpleCNN
+    from sgdbreak.workloads.models import SimpleCNN
 
     torch.manual_seed(0)
     x, y = load_digits()

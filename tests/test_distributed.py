@@ -22,14 +22,11 @@ import torch
 from torch import nn
 
 from sgdbreak import BreakEvenMonitor, BreakEvenSGD, Probe, covariance_spectrum, noise_metrics
-from sgdbreak.distributed import (
-    DistributedProbe,
-    ReplicaNoise,
-    check_world_size,
-    is_main_process,
-    prepare_monitor,
-    unwrap_optimizer,
-)
+from sgdbreak.integrations.accelerate import prepare_monitor
+from sgdbreak.integrations.collectives import check_world_size, is_main_process
+from sgdbreak.integrations.distributed_probe import DistributedProbe
+from sgdbreak.integrations.replica_noise import ReplicaNoise
+from sgdbreak.optim.wrappers import unwrap_optimizer
 
 SCRIPTS = Path(__file__).resolve().parent / "distributed_scripts"
 sys.path.insert(0, str(SCRIPTS))

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from sgdbreak import BreakEvenDetector, BreakEvenSGD, Probe, hessian_eigenvalues
-from sgdbreak.models import MLP
+from sgdbreak.workloads.models import MLP
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
     pytest.importorskip("sklearn", reason="load_digits needs scikit-learn (sgdbreak[data])")
-    from sgdbreak.datasets import load_digits
+    from sgdbreak.workloads.datasets import load_digits
 
     x, y = load_digits()
     x = x[:NUM_EXAMPLES].to(DTYPE)

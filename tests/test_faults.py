@@ -17,8 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from sgdbreak import BreakEvenDetector, BreakEvenSGD, Probe
-from sgdbreak.hessian import HessianOperator
-from sgdbreak.tracking import RunLog, read_run
+from sgdbreak.estimators.hessian import HessianOperator
+from sgdbreak.integrations.rundir import RunLog, read_run
 
 STEPS = 12
 MONITOR = dict(measure_every=3, cheap_every=2,

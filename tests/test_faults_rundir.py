@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sgdbreak.tracking import RunLog, read_run
+from sgdbreak.integrations.rundir import RunLog, read_run
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -167,7 +167,7 @@ CHILD = textwrap.dedent(
     import sys
     sys.path.insert(0, sys.argv[2])
     from test_faults_rundir import stream, write
-    from sgdbreak.tracking import RunLog
+    from sgdbreak.integrations.rundir import RunLog
     log = RunLog(sys.argv[1], {"lr": 0.1})
     for i, item in enumerate(stream(10**9)):
         write(log, [item])

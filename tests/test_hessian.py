@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sgdbreak import Probe, hessian_eigenvalues, hessian_trace
-from sgdbreak.hessian import HessianOperator
+from sgdbreak.estimators.hessian import HessianOperator
 from sgdbreak.testing import exact_hessian, model_hessian, random_orthogonal, tiny_problem
 from sgdbreak.testing.strategies import spectra
 

@@ -7,7 +7,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sgdbreak.linalg import as_linear_operator, hutchinson_trace, lanczos, power_iteration
+from sgdbreak.estimators.linalg import (
+    as_linear_operator,
+    hutchinson_trace,
+    lanczos,
+    power_iteration,
+)
 from sgdbreak.testing import symmetric_matrix_with_spectrum
 from sgdbreak.testing.strategies import spectra
 

@@ -1,4 +1,4 @@
-"""Tests for sgdbreak.models: shapes, parameter counts, BN placement, initialisation, errors."""
+"""Tests for sgdbreak.workloads.models: shapes, parameter counts, BN placement, initialisation, errors."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sgdbreak.models import (
+from sgdbreak.workloads.models import (
     MLP,
     LSTMClassifier,
     SimpleCNN,

@@ -1,4 +1,4 @@
-"""Tests of sgdbreak.noise: covariance spectrum, noise scale, g_top5_ratio, CountSketch."""
+"""Tests of sgdbreak.estimators.noise: covariance spectrum, noise scale, g_top5_ratio, CountSketch."""
 
 import math
 
@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sgdbreak import noise
-from sgdbreak.noise import (
+from sgdbreak.estimators import noise
+from sgdbreak.estimators.noise import (
     CountSketch,
     NoiseScaleTracker,
     covariance_spectrum,

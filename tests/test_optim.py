@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sgdbreak import BreakEvenDetector, BreakEvenMonitor, BreakEvenSGD, Probe
-from sgdbreak.triggers import Every
+from sgdbreak.measurement.triggers import Every
 
 
 def make_model(seed=0, bn=True):

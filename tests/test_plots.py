@@ -1,4 +1,4 @@
-"""Tests of sgdbreak.plots on recorded (synthetic) run directories."""
+"""Tests of sgdbreak.integrations.plots on recorded (synthetic) run directories."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from sgdbreak.plots import edge_sharpness, plot_comparison, plot_run
-from sgdbreak.tracking import RunLog, read_run
+from sgdbreak.integrations.plots import edge_sharpness, plot_comparison, plot_run
+from sgdbreak.integrations.rundir import RunLog, read_run
 
 
 def write_run(run_dir, *, lr, scale=1.0, n=40, alpha=True, break_even_step=150):

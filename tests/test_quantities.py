@@ -22,8 +22,8 @@ from sgdbreak import (
     UpdateSharpness,
     default_quantities,
 )
-from sgdbreak.monitor import quantities_from_settings
-from sgdbreak.tracking import RunLog, read_run
+from sgdbreak.integrations.rundir import RunLog, read_run
+from sgdbreak.measurement.monitor import quantities_from_settings
 
 
 def setup(seed=0, bn=False):

@@ -41,7 +41,7 @@ def test_recipe_writes_one_run_per_learning_rate_and_a_comparison(tmp_path, caps
     out = capsys.readouterr().out
     assert "Break-even measurement" in out and "Conjecture 1" in out
     # the README's `sgdbreak report runs/break_even/*`: the glob also matches summary.json
-    from sgdbreak.cli import main as cli
+    from sgdbreak.integrations.cli import main as cli
 
     assert cli(["report", *sorted(str(p) for p in tmp_path.iterdir()), "--formats", "png"]) == 0
     captured = capsys.readouterr()

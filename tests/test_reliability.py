@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 import sgdbreak
 from sgdbreak import BreakEvenDetector, BreakEvenMonitor, BreakEvenSGD, Probe
-from sgdbreak.tracking import RunLog, read_run
+from sgdbreak.integrations.rundir import RunLog, read_run
 
 
 def mlp(seed=0, width=16):

@@ -1,11 +1,11 @@
-"""Tests of sgdbreak.samples: micro-batch and per-example gradient samples."""
+"""Tests of sgdbreak.estimators.samples: micro-batch and per-example gradient samples."""
 
 import pytest
 import torch
 from torch import nn
 
-from sgdbreak.noise import CountSketch, covariance_spectrum
-from sgdbreak.samples import (
+from sgdbreak.estimators.noise import CountSketch, covariance_spectrum
+from sgdbreak.estimators.samples import (
     draw_batches,
     full_gradient,
     microbatch_gradients,
@@ -337,7 +337,7 @@ def test_linear_gaussian_model_covariance_matches_closed_form():
 
 @pytest.mark.parametrize("batch_size, num_samples", [(4, 5), (12, 40)])  # disjoint, independent
 def test_batch_mean_covariance_scale_recovers_population_trace(batch_size, num_samples):
-    from sgdbreak.samples import batch_mean_covariance_scale, draw_batches
+    from sgdbreak.estimators.samples import batch_mean_covariance_scale, draw_batches
 
     g = torch.Generator().manual_seed(0)
     n = 24

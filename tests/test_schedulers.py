@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sgdbreak import BreakEvenDetector, BreakEvenMonitor, BreakEvenSGD, MonitoredLR, Probe
-from sgdbreak.schedulers import find_monitor
+from sgdbreak.optim.schedulers import find_monitor
 
 
 def setup(seed=0):

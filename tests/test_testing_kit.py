@@ -16,7 +16,7 @@ from hypothesis.errors import InvalidArgument
 from torch import nn
 
 from sgdbreak import covariance_spectrum, hessian_eigenvalues
-from sgdbreak.samples import per_example_gradients
+from sgdbreak.estimators.samples import per_example_gradients
 from sgdbreak.testing import (
     adam_preconditioner,
     assert_eigenpairs,

@@ -21,17 +21,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sgdbreak.tracking import (
+from sgdbreak.integrations.loggers import (
     AccelerateLogger,
     MultiLogger,
-    RunLog,
     WandbLogger,
-    has_wandb_credentials,
-    moving_average,
-    read_run,
     resolve_wandb_mode,
-    summarize,
 )
+from sgdbreak.integrations.rundir import RunLog, read_run
+from sgdbreak.integrations.summaries import moving_average, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,8 +162,8 @@ def test_append_mode_resumes_after_torn_write(tmp_path):
 CHILD = textwrap.dedent(
     """
     import sys
-    import sgdbreak.cli, sgdbreak.plots
-    from sgdbreak.tracking import RunLog
+    import sgdbreak.integrations.cli, sgdbreak.integrations.plots
+    from sgdbreak.integrations.rundir import RunLog
     # integrations must load lazily
     eager = [m for m in ("wandb", "matplotlib", "accelerate") if m in sys.modules]
     log = RunLog(sys.argv[1], {"lr": 0.1})
@@ -281,21 +278,23 @@ def no_credentials(tmp_path, monkeypatch):
 
 
 def test_wandb_mode_resolution(no_credentials, monkeypatch):
-    assert not has_wandb_credentials()
+    """Explicit > WANDB_MODE > WANDB_DISABLED > WANDB_API_KEY > offline; no file is parsed."""
     assert resolve_wandb_mode() == "offline"
     assert resolve_wandb_mode("disabled") == "disabled"
-    no_credentials.write_text("machine example.com login user password secret\n")
-    assert not has_wandb_credentials()
     no_credentials.write_text("machine api.wandb.ai login user password abc123\n")
-    assert has_wandb_credentials()
+    assert resolve_wandb_mode() == "offline"  # a saved key is used only when asked to
+    assert resolve_wandb_mode("online") == "online"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert resolve_wandb_mode() == "online"
-    assert not has_wandb_credentials("https://wandb.mycompany.com")
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert resolve_wandb_mode() == "offline"
     monkeypatch.delenv("WANDB_MODE")
-    no_credentials.unlink()
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert resolve_wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_DISABLED", "true")
+    monkeypatch.delenv("WANDB_API_KEY")
+    assert resolve_wandb_mode() == "disabled"
+    code = ("import sys; from sgdbreak.integrations.loggers import resolve_wandb_mode; "
+            "resolve_wandb_mode(); assert 'wandb' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)  # resolving never imports wandb
 
 
 # --------------------------------------------------------------------------- .wandb reader

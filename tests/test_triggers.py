@@ -2,7 +2,14 @@
 
 import pytest
 
-from sgdbreak.triggers import Adaptive, DenseUntilBreakEven, Every, LogSpaced, PerEpoch, as_trigger
+from sgdbreak.measurement.triggers import (
+    Adaptive,
+    DenseUntilBreakEven,
+    Every,
+    LogSpaced,
+    PerEpoch,
+    as_trigger,
+)
 
 
 def fired(trigger, n=100):

@@ -71,7 +71,7 @@ def reference_run(steps: int, accum: int, *, skip_at: int | None = None):
 
     ``skip_at``: that step's batch is drawn but no update happens (a skipped step).
     """
-    from sgdbreak.distributed import ReplicaNoise
+    from sgdbreak import ReplicaNoise
 
     model = mlp()
     probe = Probe(model, CRITERION, probe_data())

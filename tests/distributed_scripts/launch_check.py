@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dist_common as C  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from sgdbreak.distributed import DistributedProbe, check_world_size  # noqa: E402
+from sgdbreak import DistributedProbe, check_world_size  # noqa: E402
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -19,12 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dist_common as C  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from sgdbreak import BreakEvenDetector, BreakEvenSGD, MonitoredLR, Probe, noise_metrics  # noqa: E402
-from sgdbreak.distributed import (  # noqa: E402
+from sgdbreak import (  # noqa: E402  # noqa: E402
+    BreakEvenDetector,
+    BreakEvenSGD,
     DistributedProbe,
+    MonitoredLR,
+    Probe,
     ReplicaNoise,
     check_world_size,
     is_main_process,
+    noise_metrics,
     prepare_monitor,
 )
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _validation as V
+from .. import _validation as V
 
 __all__ = [
     "DEFAULT_QUALITY_KEYS",

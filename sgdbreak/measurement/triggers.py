@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import _validation as V
+from .. import _validation as V
 
 Trigger = Callable[[int], bool]
 

@@ -11,8 +11,8 @@ needed, the global backend is left alone and nothing accumulates in pyplot's reg
 
 Example:
     >>> import tempfile
-    >>> from sgdbreak.tracking import RunLog
-    >>> from sgdbreak.plots import plot_run
+    >>> from sgdbreak import RunLog
+    >>> from sgdbreak.integrations.plots import plot_run
     >>> with tempfile.TemporaryDirectory() as d:
     ...     with RunLog(d, {"lr": 0.1}) as log:
     ...         for s in range(10):
@@ -32,8 +32,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import breakeven as be
-from .tracking import Run, moving_average, read_run
+from ..measurement import breakeven as be
+from .rundir import Run, read_run
+from .summaries import moving_average
 
 __all__ = [
     "PANELS",
@@ -78,7 +79,7 @@ def edge_sharpness(run: Run, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
     Read from the records' ``edge_sharpness`` (threshold/η − weight decay, written by the
     monitor with the optimizer's Nesterov, dampening and weight decay), so the line and the
     logged ``stability_ratio`` agree. Records of older runs without it fall back to
-    :func:`sgdbreak.breakeven.stability_threshold` of their ``lr`` and ``momentum``.
+    :func:`sgdbreak.measurement.breakeven.stability_threshold` of their ``lr`` and ``momentum``.
     Records without a positive ``lr`` are skipped; the learning rate may change mid-run.
     """
     xs, ys = [], []
@@ -176,7 +177,7 @@ def plot_run(
     (``window`` points). Panels without data are left out (α* is often not measured).
 
     Args:
-        run: A :class:`~sgdbreak.tracking.Run` or a run directory.
+        run: A :class:`~sgdbreak.integrations.rundir.Run` or a run directory.
         out_path_stem: Write ``<stem>.png`` and ``<stem>.pdf`` (one per ``formats``); ``None``
             writes nothing.
         x: Record key for the horizontal axis (``"step"`` or ``"epoch"``).

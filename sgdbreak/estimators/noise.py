@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _validation as V
-from .errors import NonFiniteMeasurement
+from .. import _validation as V
+from ..errors import NonFiniteMeasurement
 
 __all__ = [
     "CountSketch",
@@ -626,7 +626,7 @@ def noise_metrics(
             the mean of the samples, whose ``||g||^2`` is biased up by ``Tr(K) / (L M)``.
         batch_size: ``M``, examples per sample; eigenvalues are multiplied by ``M``.
         scale: overrides the factor ``M`` (e.g. the finite-population factor of
-            :func:`sgdbreak.samples.batch_mean_covariance_scale` for batches drawn from a
+            :func:`sgdbreak.estimators.samples.batch_mean_covariance_scale` for batches drawn from a
             small probe).
         k: Number of spectrum entries ``eig_K_1 .. eig_K_k``; capped at ``L - 1``.
 

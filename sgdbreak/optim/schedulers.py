@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from .distributed import unwrap_optimizer
-from .monitor import BreakEvenMonitor
+from ..measurement.monitor import BreakEvenMonitor
+from .wrappers import unwrap_optimizer
 
 
 def find_monitor(optimizer: torch.optim.Optimizer) -> BreakEvenMonitor:

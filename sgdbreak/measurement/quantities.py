@@ -39,10 +39,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from . import _validation as V
+from .. import _validation as V
+from ..estimators.hessian import eigenvalues_of_operator
+from ..estimators.linalg import hutchinson_trace
 from . import breakeven as be
-from .hessian import eigenvalues_of_operator
-from .linalg import hutchinson_trace
 from .probe import Probe
 
 __all__ = [
@@ -338,8 +338,8 @@ class GradientNoise:
             _needs_two("GradientNoise", f"batch_size={self.batch_size}", self.batch_size, probe)
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
-        from .noise import noise_metrics
-        from .samples import batch_mean_covariance_scale
+        from ..estimators.noise import noise_metrics
+        from ..estimators.samples import batch_mean_covariance_scale
 
         probe = ctx.probe
         samples = probe.gradient_samples(method=self.method, num_samples=self.samples,

@@ -1,6 +1,6 @@
 """Gradient samples for the noise covariance K: micro-batch and exact per-example gradients.
 
-Two ways to get the ``(L, D)`` sample matrix that :func:`sgdbreak.noise.covariance_spectrum`
+Two ways to get the ``(L, D)`` sample matrix that :func:`sgdbreak.estimators.noise.covariance_spectrum`
 consumes:
 
 * :func:`microbatch_gradients`: ``L`` gradients of mean losses over ``M`` examples each
@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _validation as V
-from .errors import NonFiniteMeasurement
+from .. import _validation as V
+from ..errors import NonFiniteMeasurement
 
 __all__ = [
     "draw_batches",
@@ -177,7 +177,7 @@ def microbatch_gradients(
         num_samples: ``L``, number of samples (at least 2 for a covariance).
         generator: ``torch.Generator`` for the index draws (reproducibility).
         sketch: Optional linear map applied to each flat gradient as soon as it is
-            computed (e.g. :class:`sgdbreak.noise.CountSketch`), so only ``(L, m)`` is kept.
+            computed (e.g. :class:`sgdbreak.estimators.noise.CountSketch`), so only ``(L, m)`` is kept.
 
     Returns:
         ``(L, D)`` tensor (``(L, m)`` with a sketch) in the gradients' dtype and device.
@@ -264,7 +264,7 @@ def per_example_gradients(
         forward: Optional ``forward(model, inputs) -> outputs`` replacing ``model(inputs)``,
             called with a batch of one.
         sketch: Optional linear map ``(n, D) -> (n, m)`` (e.g.
-            :class:`~sgdbreak.noise.CountSketch`) applied to each chunk as soon as it is
+            :class:`~sgdbreak.estimators.noise.CountSketch`) applied to each chunk as soon as it is
             computed, so memory is ``chunk_size·D + N·m`` instead of ``N·D``.
 
     Returns:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import NonFiniteMeasurement
+from ..errors import NonFiniteMeasurement
 from .linalg import EigenResult, hutchinson_trace, lanczos, power_iteration
 
 LossFn = Callable[[], Tensor]
@@ -180,7 +180,7 @@ class HessianOperator:
 
 @dataclass(frozen=True)
 class HessianEigenResult(EigenResult):
-    """Top Hessian eigenpairs (see :class:`sgdbreak.linalg.EigenResult`).
+    """Top Hessian eigenpairs (see :class:`sgdbreak.estimators.linalg.EigenResult`).
 
     Attributes:
         loss: the loss value at which the Hessian was taken.
@@ -283,7 +283,7 @@ def hessian_eigenvalues(
         warm_start: a previous :class:`HessianEigenResult`, or a (m, D) tensor of vectors.
         hvp: "autograd" (exact, default) or "finite_difference" (see :class:`HessianOperator`).
         generator: seeds the random start vector.
-        **solver_kwargs: passed to :func:`sgdbreak.linalg.lanczos` (``max_basis``,
+        **solver_kwargs: passed to :func:`sgdbreak.estimators.linalg.lanczos` (``max_basis``,
             ``convergence``).
 
     Returns:

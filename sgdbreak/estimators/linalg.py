@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import NonFiniteMeasurement
+from ..errors import NonFiniteMeasurement
 
 Matvec = Callable[[Tensor], Tensor]
 

@@ -30,7 +30,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from .tracking import RUN_FILES, Run, is_run_dir, read_run
+from .rundir import RUN_FILES, Run, is_run_dir, read_run
 
 __all__ = ["CHECKS", "DEFAULT_IGNORED_CONFIG_KEYS", "FIGURE_FORMATS", "compare_runs", "main"]
 
@@ -315,7 +315,7 @@ def compare_runs(
     Two runs are compared when their ``config.json`` agree on every key except ``lr``,
     ``batch_size`` and ``ignore``, and differ in exactly one of ``lr``/``batch_size``. The
     *noisier* run is the one with the larger ``lr`` or the smaller ``batch_size``; each
-    check of :data:`CHECKS` compares smoothed maxima (:func:`~sgdbreak.tracking.summarize`).
+    check of :data:`CHECKS` compares smoothed maxima (:func:`~sgdbreak.integrations.summaries.summarize`).
 
     Args:
         runs: ``(label, run)`` pairs.

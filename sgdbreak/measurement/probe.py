@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import NonFiniteMeasurement
-from .hessian import (
+from ..errors import NonFiniteMeasurement
+from ..estimators.hessian import (
     HessianEigenResult,
     HessianOperator,
     HessianTraceResult,
@@ -29,7 +29,7 @@ from .hessian import (
     flatten,
     unflatten,
 )
-from .linalg import hutchinson_trace
+from ..estimators.linalg import hutchinson_trace
 
 _BATCHNORM_MODES = ("train", "eval")
 
@@ -384,7 +384,7 @@ class Probe:
         gradient (micro-batch) or chunk of gradients (per-example) as soon as it exists,
         so the (L, D) samples are never formed.
         """
-        from . import samples
+        from ..estimators import samples
 
         with self.measuring():
             if method == "microbatch":

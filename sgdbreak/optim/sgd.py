@@ -1,7 +1,7 @@
 """``BreakEvenSGD``: a drop-in ``torch.optim.SGD`` that measures itself.
 
 The update is torch's own (``super().step()``); measurement happens after it, on the
-probe, through a :class:`~sgdbreak.monitor.BreakEvenMonitor`. With ``probe=None`` the
+probe, through a :class:`~sgdbreak.measurement.monitor.BreakEvenMonitor`. With ``probe=None`` the
 class is ``torch.optim.SGD`` bit for bit, and even with measurement on the parameter
 trajectory is unchanged: measuring never touches ``p.grad``, the global RNG, module modes
 or buffers, and restores the parameters exactly.
@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from .breakeven import BreakEvenResult
-from .monitor import BreakEvenMonitor
-from .probe import Probe
+from ..measurement.breakeven import BreakEvenResult
+from ..measurement.monitor import BreakEvenMonitor
+from ..measurement.probe import Probe
 
 _STATE_KEY = "sgdbreak"
 
@@ -31,8 +31,8 @@ class BreakEvenSGD(torch.optim.SGD):
             differentiable, fused: exactly as :class:`torch.optim.SGD`.
         probe: a :class:`~sgdbreak.Probe` to measure on; None turns measurement off.
         measure_every: full-measurement trigger (int steps, a ``step -> bool`` callable,
-            None, or the adaptive default); see :class:`~sgdbreak.monitor.BreakEvenMonitor`.
-        **monitor_kwargs: any other :class:`~sgdbreak.monitor.BreakEvenMonitor` argument
+            None, or the adaptive default); see :class:`~sgdbreak.measurement.monitor.BreakEvenMonitor`.
+        **monitor_kwargs: any other :class:`~sgdbreak.measurement.monitor.BreakEvenMonitor` argument
             (``cheap_every``, ``measurements``, ``dataset_size``, ``batch_size``,
             ``loggers``, ``detector``, ``seed``, …).
 

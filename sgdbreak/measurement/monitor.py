@@ -2,7 +2,7 @@
 
 :class:`BreakEvenMonitor` is the one stateful object of sgdbreak. After each optimizer
 step its triggers decide whether to measure; it then runs its quantities
-(:mod:`sgdbreak.quantities`: what is measured, each with its own settings and state) on a
+(:mod:`sgdbreak.measurement.quantities`: what is measured, each with its own settings and state) on a
 :class:`~sgdbreak.Probe`, merges their entries into one record, feeds the record to the
 break-even detector, loggers and hooks, and checkpoints all of it. ``BreakEvenSGD`` owns
 one; any torch optimizer can use one through :meth:`BreakEvenMonitor.attach`. Schedulers
@@ -26,10 +26,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from . import _validation as V
+from .. import _validation as V
+from ..errors import NonFiniteMeasurement
 from . import breakeven as be
 from . import quantities as q
-from .errors import NonFiniteMeasurement
 from .probe import Probe
 from .quantities import MeasurementContext
 from .triggers import Adaptive, DenseUntilBreakEven, as_trigger
@@ -100,8 +100,8 @@ def _flag(quantity: Any, name: str) -> bool:
 class BreakEvenMonitor:
     """Tracks curvature and gradient noise along a run and detects break-even.
 
-    *What* is measured is a list of quantities (:mod:`sgdbreak.quantities`); *when* is two
-    triggers (:mod:`sgdbreak.triggers`); the detector, loggers and hooks consume one flat
+    *What* is measured is a list of quantities (:mod:`sgdbreak.measurement.quantities`); *when* is two
+    triggers (:mod:`sgdbreak.measurement.triggers`); the detector, loggers and hooks consume one flat
     record per measurement.
 
     Args:
@@ -111,12 +111,12 @@ class BreakEvenMonitor:
             ``compute(ctx)`` works; names must be unique.
         measure_every: trigger for full measurements (every quantity): an int (every n
             steps), a callable ``step -> bool`` or None. Default
-            :class:`~sgdbreak.triggers.Adaptive` (dense while λ1^H moves, sparse after).
+            :class:`~sgdbreak.measurement.triggers.Adaptive` (dense while λ1^H moves, sparse after).
         cheap_every: trigger for the cheap quantities alone (``cheap = True``: the update
-            sharpness). Default :class:`~sgdbreak.triggers.DenseUntilBreakEven`: every 10
+            sharpness). Default :class:`~sgdbreak.measurement.triggers.DenseUntilBreakEven`: every 10
             steps until break-even is detected, every 50 after. Cheap quantities also run
             with every full measurement (to stay calibrated); None turns them off.
-        detector: a :class:`~sgdbreak.breakeven.BreakEvenDetector` (default: all rules,
+        detector: a :class:`~sgdbreak.measurement.breakeven.BreakEvenDetector` (default: all rules,
             the threshold rules needing two consecutive confirmations).
         loggers: objects with ``log_measurement(record)``, ``log_event(event)``, ``close()``.
         optimizer: the optimizer whose ``param_groups[group]`` gives lr and momentum
@@ -571,9 +571,9 @@ def _check_processes(probe: Probe) -> None:
         raise RuntimeError(
             f"{size} processes share this run but the probe is a plain Probe: each process would "
             "measure its own data, and triggers, the detector and any policy could act "
-            "differently per process. Use sgdbreak.distributed.DistributedProbe (pass the "
+            "differently per process. Use sgdbreak.integrations.distributed_probe.DistributedProbe (pass the "
             "same probe data on every process with split=True, or each process's shard) and "
-            "call sgdbreak.distributed.prepare_monitor after accelerator.prepare")
+            "call sgdbreak.integrations.accelerate.prepare_monitor after accelerator.prepare")
 
 
 def _observe(trigger, record: Mapping[str, float], reached: bool) -> None:

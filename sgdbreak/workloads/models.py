@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import _validation as V
+from .. import _validation as V
 
 __all__ = [
     "MLP",
@@ -351,7 +351,7 @@ def resnet32(
 class LSTMClassifier(nn.Module):
     """Embedding → one-layer LSTM → linear classifier, for padded token sequences (IMDB).
 
-    Sequences are right-padded with ``padding_idx`` (as :func:`sgdbreak.datasets.load_imdb`
+    Sequences are right-padded with ``padding_idx`` (as :func:`sgdbreak.workloads.datasets.load_imdb`
     returns them). With ``pooling="last"`` (default) the classifier reads the LSTM hidden
     state at each sequence's last non-pad token, so trailing padding has no effect on the
     output; ``"mean"`` averages the hidden states over the non-pad tokens. An all-pad
