@@ -1,4 +1,4 @@
-"""Tests of sgdbreak.tracking: run directories, summaries, W&B and Accelerate loggers."""
+"""Run directories, summaries, W&B and Accelerate loggers (sgdbreak.integrations)."""
 
 from __future__ import annotations
 

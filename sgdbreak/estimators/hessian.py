@@ -89,7 +89,7 @@ class HessianOperator:
         method: "autograd" or "finite_difference".
         fd_epsilon: relative step for finite differences (scaled by 1 + ‖θ‖).
         reduce: optional callable applied to every product (e.g. an all-reduce mean across
-            processes, see :mod:`sgdbreak.distributed`).
+            processes, see :mod:`sgdbreak.integrations.distributed_probe`).
         loss: a loss already evaluated from ``loss_fn`` (saves one forward pass).
     """
 

@@ -52,12 +52,12 @@ def prepare_monitor(accelerator, optimizer=None, *, monitor=None, check: bool = 
             raise ValueError(
                 f"{size} processes but the probe is a plain Probe: each process would measure "
                 "its own data and the measurements (and triggers) would disagree; use "
-                "sgdbreak.integrations.distributed_probe.DistributedProbe")
+                "sgdbreak.DistributedProbe")
         if check:
             monitor.probe.check_synchronized()
         if monitor.loggers and not accelerator.is_main_process:
             warnings.warn("sgdbreak: dropping the monitor's loggers on a non-main process; create "
-                          "loggers only where sgdbreak.integrations.collectives.is_main_process()",
+                          "loggers only where sgdbreak.is_main_process()",
                           RuntimeWarning, stacklevel=2)
             monitor.loggers = []
     return monitor

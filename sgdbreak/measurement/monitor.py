@@ -571,9 +571,9 @@ def _check_processes(probe: Probe) -> None:
         raise RuntimeError(
             f"{size} processes share this run but the probe is a plain Probe: each process would "
             "measure its own data, and triggers, the detector and any policy could act "
-            "differently per process. Use sgdbreak.integrations.distributed_probe.DistributedProbe (pass the "
+            "differently per process. Use sgdbreak.DistributedProbe (pass the "
             "same probe data on every process with split=True, or each process's shard) and "
-            "call sgdbreak.integrations.accelerate.prepare_monitor after accelerator.prepare")
+            "call sgdbreak.prepare_monitor after accelerator.prepare")
 
 
 def _observe(trigger, record: Mapping[str, float], reached: bool) -> None:

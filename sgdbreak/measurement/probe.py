@@ -146,7 +146,7 @@ class Probe:
         )
         self.dim = sum(p.numel() for p in self.params)
         self.has_batchnorm = any(_is_batchnorm(m) for m in model.modules())
-        # Reduction across processes (set by sgdbreak.distributed); identity here.
+        # Reduction across processes (set by DistributedProbe); identity here.
         self.reduce_mean: Callable[[Tensor], Tensor] | None = None
         self._check_loss_contract()
         self.single_example_batches = self._can_measure_one_example()
