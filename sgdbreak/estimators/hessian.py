@@ -18,6 +18,9 @@ from torch import Tensor
 from ..errors import NonFiniteMeasurement
 from .linalg import EigenResult, hutchinson_trace, lanczos, power_iteration
 
+__all__ = ["HessianEigenResult", "HessianOperator", "HessianTraceResult", "check_params", "eigenvalues_of_operator",
+           "evaluate_loss", "flatten", "hessian_eigenvalues", "hessian_trace", "unflatten"]
+
 LossFn = Callable[[], Tensor]
 
 

@@ -21,6 +21,8 @@ from torch import Tensor
 
 from ..errors import NonFiniteMeasurement
 
+__all__ = ["EigenResult", "TraceResult", "as_linear_operator", "hutchinson_trace", "lanczos", "power_iteration"]
+
 Matvec = Callable[[Tensor], Tensor]
 
 _WHICH = ("LA", "LM", "SA")

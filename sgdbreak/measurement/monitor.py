@@ -159,6 +159,7 @@ class BreakEvenMonitor:
         self.measure_trigger = Adaptive() if measure_every == "default" else as_trigger(measure_every)
         self.cheap_trigger = (DenseUntilBreakEven() if cheap_every == "default"
                               else as_trigger(cheap_every, "cheap_every"))
+        self._observe_modes = tuple(_observe_mode(t) for _, t in self._triggers())
         self.quantities = list(quantities_from_settings(**settings) if quantities is None
                                else quantities)
         self._check_quantities(seed)
@@ -417,8 +418,8 @@ class BreakEvenMonitor:
         event = result.to_event() if result.reached and not reached_before else None
         if event is not None:
             self.events.append(event)
-        calls = [(f"trigger {t!r}", lambda t=t: _observe(t, record, result.reached))
-                 for t in (self.measure_trigger, self.cheap_trigger)]
+        calls = [(f"trigger {t!r}", lambda t=t, mode=mode: _observe(t, mode, record, result.reached))
+                 for (_, t), mode in zip(self._triggers(), self._observe_modes)]
         calls += [(f"logger {lg!r}", lambda lg=lg: lg.log_measurement(record)) for lg in self.loggers]
         calls += [(f"measurement hook {fn!r}", lambda fn=fn: fn(record))
                   for fn in list(self._measurement_hooks.values())]
@@ -576,16 +577,24 @@ def _check_processes(probe: Probe) -> None:
             "call sgdbreak.prepare_monitor after accelerator.prepare")
 
 
-def _observe(trigger, record: Mapping[str, float], reached: bool) -> None:
-    """Show a trigger the new record, and whether break-even is reached if it asks."""
+def _observe_mode(trigger: Any) -> str | None:
+    """How a trigger wants records: None (it has no ``observe``), "record", or "flag".
+
+    "flag": its ``observe`` also takes ``break_even_reached=`` (decided once, when the
+    monitor is built, not per record).
+    """
     observe = getattr(trigger, "observe", None)
     if observe is None:
-        return
+        return None
     try:
-        wants = "break_even_reached" in inspect.signature(observe).parameters
+        return "flag" if "break_even_reached" in inspect.signature(observe).parameters else "record"
     except (TypeError, ValueError):
-        wants = False
-    if wants:
-        observe(record, break_even_reached=reached)
-    else:
-        observe(record)
+        return "record"
+
+
+def _observe(trigger: Any, mode: str | None, record: Mapping[str, float], reached: bool) -> None:
+    """Show a trigger the new record (and whether break-even is reached, if it asks)."""
+    if mode == "flag":
+        trigger.observe(record, break_even_reached=reached)
+    elif mode == "record":
+        trigger.observe(record)

@@ -31,6 +31,8 @@ from ..estimators.hessian import (
 )
 from ..estimators.linalg import hutchinson_trace
 
+__all__ = ["ChunkedHessianOperator", "Probe", "call_model"]
+
 _BATCHNORM_MODES = ("train", "eval")
 
 

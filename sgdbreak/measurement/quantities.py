@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,7 @@ from ..estimators.hessian import eigenvalues_of_operator
 from ..estimators.linalg import hutchinson_trace
 from . import breakeven as be
 from .probe import Probe
+from .protocols import Quantity
 
 __all__ = [
     "AlphaStar",
@@ -66,15 +67,6 @@ UPDATE_SHARPNESS_MAX_RELATIVE_ERROR = 0.1
 # float32 mean cross-entropies against float64 were below 1 (MLPs, 128 examples); the floor
 # of 1 covers a small loss computed as a difference of larger logits.
 _LOSS_ROUNDING_EPS = 16.0
-
-
-@runtime_checkable
-class Quantity(Protocol):
-    """Anything the monitor can measure: a name and ``compute(ctx) -> {key: value}``."""
-
-    name: str
-
-    def compute(self, ctx: MeasurementContext) -> Mapping[str, float]: ...
 
 
 # --------------------------------------------------------------------------- context

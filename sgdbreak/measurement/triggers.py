@@ -10,12 +10,14 @@ loss), and ``state_dict`` / ``load_state_dict`` to resume exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from .. import _validation as V
+from .protocols import Trigger
 
-Trigger = Callable[[int], bool]
+__all__ = ["Adaptive", "DenseUntilBreakEven", "Every", "LogSpaced", "PerEpoch", "Trigger", "as_trigger"]
+
 
 
 class Every:

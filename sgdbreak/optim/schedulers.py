@@ -21,6 +21,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from ..measurement.monitor import BreakEvenMonitor
 from .wrappers import unwrap_optimizer
 
+__all__ = ["MonitoredLR", "find_monitor"]
+
 
 def find_monitor(optimizer: torch.optim.Optimizer) -> BreakEvenMonitor:
     """The monitor behind ``optimizer`` (``BreakEvenSGD`` itself or wrapped by Accelerate)."""

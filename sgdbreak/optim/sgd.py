@@ -20,6 +20,8 @@ from ..measurement.breakeven import BreakEvenResult
 from ..measurement.monitor import BreakEvenMonitor
 from ..measurement.probe import Probe
 
+__all__ = ["BreakEvenSGD"]
+
 _STATE_KEY = "sgdbreak"
 
 
