@@ -84,10 +84,11 @@ def register_profiles(*, max_examples: int = 25) -> None:
 
     or run ``pytest --hypothesis-profile=sgdbreak`` after registering.
     """
-    settings.register_profile(
+    settings.register_profile(  # explicit derandomize: unset, it inherits the loaded profile's
         PROFILE,
         deadline=None,
         max_examples=max_examples,
+        derandomize=False,
         suppress_health_check=[HealthCheck.too_slow],
     )
     settings.register_profile(CI_PROFILE, parent=settings.get_profile(PROFILE), derandomize=True)
