@@ -30,6 +30,7 @@ from .. import _validation as V
 from ..errors import NonFiniteMeasurement
 from . import breakeven as be
 from . import quantities as q
+from . import update_rules as ur
 from .probe import Probe
 from .quantities import MeasurementContext
 from .triggers import Adaptive, DenseUntilBreakEven, as_trigger
@@ -107,8 +108,9 @@ class BreakEvenMonitor:
     Args:
         probe: the measurement set (:class:`~sgdbreak.Probe`).
         quantities: what to measure (default :func:`~sgdbreak.default_quantities`: the
-            cheap signal, λ1^H, the noise spectrum, ‖γ‖). Any object with a ``name`` and
-            ``compute(ctx)`` works; names must be unique.
+            cheap signal, λ1^H, the noise spectrum, ‖γ‖, and for an Adam/AdamW optimizer
+            :class:`~sgdbreak.PreconditionedSharpness`, added when it is bound). Any object
+            with a ``name`` and ``compute(ctx)`` works; names must be unique.
         measure_every: trigger for full measurements (every quantity): an int (every n
             steps), a callable ``step -> bool`` or None. Default
             :class:`~sgdbreak.measurement.triggers.Adaptive` (dense while λ1^H moves, sparse after).
@@ -162,6 +164,8 @@ class BreakEvenMonitor:
         self._observe_modes = tuple(_observe_mode(t) for _, t in self._triggers())
         self.quantities = list(quantities_from_settings(**settings) if quantities is None
                                else quantities)
+        self._defaults = quantities is None and not settings  # extended for Adam at bind
+        self._seed = seed
         self._check_quantities(seed)
         _check_processes(probe)
         self.steps_per_epoch = steps_per_epoch
@@ -222,9 +226,9 @@ class BreakEvenMonitor:
 
     @property
     def latest_full(self) -> Mapping[str, float] | None:
-        """The last record holding ``lambda1_H`` (a full curvature measurement)."""
+        """The last record holding ``lambda1_H`` or ``lambda1_PH`` (a full curvature measurement)."""
         for record in reversed(self.history):
-            if "lambda1_H" in record:
+            if "lambda1_H" in record or "lambda1_PH" in record:
                 return record
         return None
 
@@ -262,8 +266,12 @@ class BreakEvenMonitor:
 
         Refused: a ``group`` index the optimizer does not have, ``maximize=True`` (the
         stability of ascent is that of the *negated* loss: give the probe a criterion that
-        returns it and keep ``maximize=False``; the update is the same), and an optimizer
-        that updates none of the probe's parameters (it would measure an untrained model).
+        returns it and keep ``maximize=False``; the update is the same), an optimizer
+        that updates none of the probe's parameters (it would measure an untrained model),
+        and one a quantity's ``bind`` refuses (:class:`~sgdbreak.PreconditionedSharpness`
+        needs Adam). An optimizer other than SGD, Adam and AdamW is measured with one
+        ``RuntimeWarning``: it has no stability ratio, edge or stability/Eq. 1 rule
+        (:mod:`sgdbreak.measurement.update_rules`).
         """
         groups = optimizer.param_groups
         if not 0 <= self.group < len(groups):
@@ -281,12 +289,44 @@ class BreakEvenMonitor:
                 "the optimizer updates none of the probe's parameters, so the measurements would "
                 "follow a model that does not train: build the probe on the model whose "
                 "parameters the optimizer updates")
+        for quantity in self.quantities:
+            if hasattr(quantity, "bind"):
+                quantity.bind(optimizer, self.group)
         if inside < len(self.probe.params):
             warnings.warn(
                 f"the optimizer updates {inside} of the probe's {len(self.probe.params)} parameter "
                 "tensors; λ1^H and K include the others: pass Probe(..., params=<the optimized "
                 "parameters>) to measure only what is trained", RuntimeWarning, stacklevel=3)
+        rule = ur.stability_rule(optimizer)
+        if rule is None:
+            self._warn_once(
+                f"no-rule:{type(optimizer).__name__}",
+                f"sgdbreak knows the edge of stability of SGD, Adam and AdamW, not of "
+                f"{type(optimizer).__name__}: measurements continue without stability_ratio, "
+                "edge_sharpness and the detector's stability and Eq. 1 rules")
+        elif rule == ur.ADAM and self._defaults:
+            self._add_preconditioned_sharpness(optimizer)
         self.optimizer = optimizer
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _add_preconditioned_sharpness(self, optimizer: torch.optim.Optimizer) -> None:
+        """Default quantities under Adam: λ1_PH after λ1^H (once; a checkpoint finds it by name)."""
+        names = [quantity.name for quantity in self.quantities]
+        if "preconditioned_sharpness" in names:
+            return
+        quantity = q.PreconditionedSharpness()
+        quantity.setup(self.probe, self._seed)
+        try:
+            quantity.bind(optimizer, self.group)
+        except ValueError as err:
+            self._warn_once("no-preconditioned", f"{err}; measuring without it")
+            return
+        where = names.index("sharpness") + 1 if "sharpness" in names else len(names)
+        self.quantities.insert(where, quantity)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> BreakEvenMonitor:
         """Measure around ``optimizer.step()`` of any torch optimizer via step hooks."""
@@ -329,15 +369,7 @@ class BreakEvenMonitor:
 
     # ------------------------------------------------------------------ measuring
     def _hyper(self) -> dict[str, Any]:
-        if self.optimizer is None:
-            return {}
-        g = self.optimizer.param_groups[self.group]
-        out = {"lr": float(g["lr"])}
-        for key in ("momentum", "dampening", "weight_decay"):
-            if key in g:
-                out[key] = float(g[key])
-        out["nesterov"] = bool(g.get("nesterov", False))
-        return out
+        return ur.hyperparameters(self.optimizer, self.group)
 
     def measure(self, *, full: bool = True, before: list[Tensor] | None = None) -> dict[str, float] | None:
         """Measure now (at ``self.step``) and process the record. Returns it, or None if skipped.
@@ -354,11 +386,7 @@ class BreakEvenMonitor:
         for key in ("lr", "momentum"):
             if key in hyper:
                 record[key] = hyper[key]
-        if hyper.get("lr", 0) > 0:  # the figures' edge of stability, from the one formula
-            record["edge_sharpness"] = (
-                be.stability_threshold(hyper.get("momentum", 0.0), dampening=hyper.get("dampening", 0.0),
-                                       nesterov=hyper["nesterov"]) / hyper["lr"]
-                - hyper.get("weight_decay", 0.0))
+        record.update(ur.edge_entries(hyper))  # the figures' edge, from the ratio's formula
         selected = self._selected(full)
         ctx = MeasurementContext(step=self.step, probe=self.probe, optimizer=self.optimizer, hyper=hyper,
                                  generator=self.generator, before=before, full=full)
@@ -395,10 +423,24 @@ class BreakEvenMonitor:
             return
         event = {"event": "skipped", "step": self.step, "reason": reason}
         self.events.append(event)
-        calls = [(f"trigger {t!r}", lambda t=t: t.on_skip(self.step))
-                 for t in (self.measure_trigger, self.cheap_trigger) if hasattr(t, "on_skip")]
-        calls += [(f"logger {lg!r}", lambda lg=lg: lg.log_event(event)) for lg in self.loggers]
-        _call_all(calls)
+        _call_all([(f"trigger {t!r}", lambda t=t: t.on_skip(self.step))
+                   for t in (self.measure_trigger, self.cheap_trigger) if hasattr(t, "on_skip")]
+                  + self._logger_calls(event))
+
+    def log_event(self, event: Mapping[str, Any]) -> None:
+        """Add an event (a skip, a policy's phase change) to ``events`` and give it to every logger.
+
+        The event is kept even if a logger raises (the first exception is raised after all
+        loggers ran). It needs an ``"event"`` name and a ``"step"``.
+        """
+        if not isinstance(event, Mapping) or not isinstance(event.get("event"), str) or "step" not in event:
+            raise ValueError(f"an event is a mapping with an 'event' name and a 'step', got {event!r}")
+        event = dict(event)
+        self.events.append(event)
+        _call_all(self._logger_calls(event))
+
+    def _logger_calls(self, event: Mapping[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
+        return [(f"logger {lg!r}", lambda lg=lg: lg.log_event(event)) for lg in self.loggers]
 
     def _process(self, record: dict[str, float]) -> None:
         """Update the state first, then tell everyone; a failing consumer loses nothing.
@@ -424,7 +466,7 @@ class BreakEvenMonitor:
         calls += [(f"measurement hook {fn!r}", lambda fn=fn: fn(record))
                   for fn in list(self._measurement_hooks.values())]
         if event is not None:
-            calls += [(f"logger {lg!r}", lambda lg=lg: lg.log_event(event)) for lg in self.loggers]
+            calls += self._logger_calls(event)
             calls += [(f"break-even hook {fn!r}", lambda fn=fn: fn(result))
                       for fn in list(self._break_even_hooks.values())]
         _call_all(calls)

@@ -1,0 +1,213 @@
+"""The edge-of-stability learning rate (suggest_lr) and BreakEvenWarmup."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.optim.lr_scheduler import CosineAnnealingLR, StepLR
+
+from sgdbreak import BreakEvenMonitor, BreakEvenSGD, BreakEvenWarmup, Probe, suggest_lr
+from sgdbreak.testing import model_hessian
+
+
+def data(n=96, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+
+
+@pytest.mark.parametrize("kwargs, threshold", [({}, 2.0), ({"momentum": 0.9}, 3.8),
+                                               ({"momentum": 0.9, "nesterov": True}, 3.8 / 2.8)])
+def test_suggest_lr_is_threshold_over_the_exact_sharpness(kwargs, threshold):
+    x, y = data()
+    model = mlp()
+    est = suggest_lr(model, nn.CrossEntropyLoss(), (x, y), tol=1e-8, max_hvps=200, **kwargs)
+    lam = float(torch.linalg.eigvalsh(model_hessian(model, nn.CrossEntropyLoss(), x, y))[-1])
+    assert est.sharpness == pytest.approx(lam, rel=1e-6)
+    assert est.edge_lr == pytest.approx(threshold / lam, rel=1e-6)
+    assert est.lr == pytest.approx(0.9 * est.edge_lr) and est.converged and est.sharpness_key == "lambda1_H"
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("factor, stable", [(0.95, True), (1.05, False)])
+def test_the_suggested_edge_separates_stable_from_unstable_gradient_descent(factor, stable):
+    """On a quadratic loss (linear least squares) full-batch GD is stable iff η < 2/λ1^H."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 5, generator=g), torch.randn(64, 1, generator=g)
+    model = nn.Linear(5, 1)
+    est = suggest_lr(model, nn.MSELoss(), (x, y), tol=1e-10, max_hvps=100)
+    opt = torch.optim.SGD(model.parameters(), lr=factor * est.edge_lr)
+    losses = []
+    for _ in range(400):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert (losses[-1] < losses[0]) is stable
+
+
+def monitored(lr=1.0, momentum=0.0, seed=0, **monitor):
+    x, y = data()
+    model = mlp(seed)
+    opt = BreakEvenSGD(model.parameters(), lr=lr, momentum=momentum,
+                       probe=Probe(model, nn.CrossEntropyLoss(), (x[:48], y[:48])),
+                       **{"measure_every": 2, "cheap_every": 1, **monitor})
+    return model, opt, x, y
+
+
+def train(model, opt, sched, x, y, steps, start=0, calls=1):
+    lrs = []
+    for step in range(start, start + steps):
+        i = step * 16 % len(x)
+        opt.zero_grad()
+        F.cross_entropy(model(x[i:i + 16]), y[i:i + 16]).backward()
+        opt.step()
+        for _ in range(calls):
+            sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_warmup_starts_at_margin_of_the_edge_and_never_exceeds_the_target():
+    model, opt, x, y = monitored(lr=50.0)
+    edge = suggest_lr(copy.deepcopy(model), nn.CrossEntropyLoss(), (x[:48], y[:48])).edge_lr
+    sched = BreakEvenWarmup(opt, margin=0.8)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.8 * edge, rel=1e-3)
+    start = opt.monitor.events[0]
+    assert start["event"] == "warmup_start" and start["target_lr"] == 50.0
+    lrs = train(model, opt, sched, x, y, 20)
+    assert max(lrs) <= 50.0
+    # Until the hand-off every lr is margin times the edge of the latest certified record.
+    handoff = next((e for e in opt.monitor.events if e["event"] == "warmup_handoff"), None)
+    end = handoff["step"] if handoff else 20
+    for record in [r for r in opt.history if r["step"] < end and "stability_ratio" in r]:
+        next_lr = lrs[record["step"] - 1]  # set by sched.step() after that optimizer step
+        edge = record["lr"] / record["stability_ratio"]
+        assert next_lr == pytest.approx(min(50.0, 0.8 * edge)) or record["stability_ratio"] >= 1
+    if handoff:  # the target was stable, or break-even passed: the target (no `after`) from then on
+        assert handoff["reason"] in ("target", "break_even") and lrs[end - 1:] == [50.0] * (20 - end + 1)
+
+
+def test_a_reachable_target_hands_over_at_once_to_the_after_schedule():
+    model, opt, x, y = monitored(lr=1e-3)
+    after = CosineAnnealingLR(opt, T_max=10)
+    sched = BreakEvenWarmup(opt, after=after)
+    assert sched.phase == "after" and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    lrs = train(model, opt, sched, x, y, 10)
+    reference = CosineAnnealingLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3), T_max=10)
+    expected = []
+    for _ in range(10):
+        reference.optimizer.step()
+        reference.step()
+        expected.append(reference.get_last_lr()[0])
+    assert lrs == pytest.approx(expected)
+    assert [e["event"] for e in opt.monitor.events][:2] == ["warmup_start", "warmup_handoff"]
+
+
+def test_hand_over_when_the_edge_allows_the_target():
+    """A target just above the initial edge: the rate climbs to it as the sharpness falls."""
+    model, opt, x, y = monitored(lr=1.0)
+    edge = suggest_lr(copy.deepcopy(model), nn.CrossEntropyLoss(), (x[:48], y[:48])).edge_lr
+    for group in opt.param_groups:
+        group["lr"] = 1.02 * edge
+    sched = BreakEvenWarmup(opt, after=StepLR(opt, 100), margin=0.99)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.99 * edge, rel=1e-3)
+    lrs = train(model, opt, sched, x, y, 60)
+    handoff = [e for e in opt.monitor.events if e["event"] == "warmup_handoff"]
+    if handoff:
+        assert lrs[-1] == pytest.approx(1.02 * edge)
+    assert all(lr <= 1.02 * edge * (1 + 1e-9) for lr in lrs)
+
+
+def test_repeated_step_calls_advance_once_per_optimizer_step():
+    a = monitored(lr=20.0)
+    b = monitored(lr=20.0)
+    lrs_a = train(a[0], a[1], BreakEvenWarmup(a[1]), a[2], a[3], 12)
+    lrs_b = train(b[0], b[1], BreakEvenWarmup(b[1]), b[2], b[3], 12, calls=3)
+    assert lrs_a == lrs_b
+    assert all(torch.equal(p, q) for p, q in zip(a[0].parameters(), b[0].parameters()))
+
+
+def test_resume_is_exact_including_the_after_schedule():
+    full_model, opt, x, y = monitored(lr=20.0)
+    sched = BreakEvenWarmup(opt, after=CosineAnnealingLR(opt, T_max=50))
+    full = train(full_model, opt, sched, x, y, 16)
+    full_phase = sched.phase
+
+    model, opt, x, y = monitored(lr=20.0)
+    sched = BreakEvenWarmup(opt, after=CosineAnnealingLR(opt, T_max=50))
+    first = train(model, opt, sched, x, y, 8)
+    state = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+    model2, opt2, _, _ = monitored(lr=20.0, seed=5)
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    sched2 = BreakEvenWarmup(opt2, after=CosineAnnealingLR(opt2, T_max=50))
+    sched2.load_state_dict(state["sched"])
+    for group, lr in zip(opt2.param_groups, state["opt"]["param_groups"]):
+        group["lr"] = lr["lr"]
+    rest = train(model2, opt2, sched2, x, y, 8, start=8)
+    assert first + rest == full
+    assert all(torch.equal(p, q) for p, q in zip(full_model.parameters(), model2.parameters()))
+    assert sched2.phase == full_phase
+
+
+def test_non_finite_loss_backs_off():
+    model, opt, x, y = monitored(lr=20.0, cheap_every=None)
+    sched = BreakEvenWarmup(opt)
+    train(model, opt, sched, x, y, 2)
+    before = sched.fraction
+    probe = opt.monitor.probe
+    probe.inputs[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(model, opt, sched, x, y, 2, start=2)
+    backoffs = [e for e in opt.monitor.events if e["event"] == "warmup_backoff"]
+    assert backoffs and sched.fraction == pytest.approx(before * 0.5)
+
+
+def test_works_with_an_attached_monitor_and_any_torch_scheduler():
+    x, y = data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=10.0, momentum=0.9)
+    monitor = BreakEvenMonitor(Probe(model, nn.CrossEntropyLoss(), (x[:48], y[:48])), measure_every=3).attach(opt)
+    sched = BreakEvenWarmup(opt, monitor=monitor, after=StepLR(opt, 5))
+    lrs = train(model, opt, sched, x, y, 6)
+    assert all(math.isfinite(lr) and lr < 10.0 for lr in lrs)
+
+
+class TestBadInput:
+    def test_no_monitor(self):
+        model = mlp()
+        with pytest.raises(ValueError, match="no BreakEvenMonitor"):
+            BreakEvenWarmup(torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def test_target_must_be_positive(self):
+        model, opt, _, _ = monitored(lr=0.0)
+        with pytest.raises(ValueError, match="target learning rates must be > 0"):
+            BreakEvenWarmup(opt)
+
+    def test_after_on_another_optimizer(self):
+        model, opt, _, _ = monitored()
+        other = torch.optim.SGD(mlp().parameters(), lr=0.1)
+        with pytest.raises(ValueError, match="another optimizer"):
+            BreakEvenWarmup(opt, after=StepLR(other, 5))
+
+    @pytest.mark.parametrize("kwargs", [dict(margin=0.0), dict(margin=1.5), dict(backoff=1.0)])
+    def test_margin_and_backoff(self, kwargs):
+        model, opt, _, _ = monitored()
+        with pytest.raises(ValueError):
+            BreakEvenWarmup(opt, **kwargs)
+
+    def test_step_epoch(self):
+        model, opt, _, _ = monitored()
+        with pytest.raises(ValueError, match="step\\(epoch\\)"):
+            BreakEvenWarmup(opt).step(3)
