@@ -69,6 +69,8 @@ from .measurement.quantities import (
 from .optim import schedulers
 from .optim.schedulers import MonitoredLR
 from .optim.sgd import BreakEvenSGD
+from .optim.suggest import EdgeEstimate, edge_learning_rate, suggest_lr
+from .optim.warmup import BreakEvenWarmup
 
 __version__ = "0.2.0"
 
@@ -79,6 +81,8 @@ __all__ = [
     "BreakEvenMonitor",
     "BreakEvenResult",
     "BreakEvenSGD",
+    "BreakEvenWarmup",
+    "EdgeEstimate",
     "CovarianceSpectrum",
     "CurvatureVariance",
     "DistributedProbe",
@@ -103,6 +107,7 @@ __all__ = [
     "check_world_size",
     "covariance_spectrum",
     "default_quantities",
+    "edge_learning_rate",
     "eq1_lhs",
     "gradient_noise_scale",
     "hessian_eigenvalues",
@@ -118,5 +123,6 @@ __all__ = [
     "schedulers",
     "stability_ratio",
     "stability_threshold",
+    "suggest_lr",
     "triggers",
 ]

@@ -4,6 +4,9 @@ schedulers that read the monitor (``schedulers``) and optimizer unwrapping (``wr
 
 from .schedulers import MonitoredLR
 from .sgd import BreakEvenSGD
+from .suggest import EdgeEstimate, edge_learning_rate, suggest_lr
+from .warmup import BreakEvenWarmup
 from .wrappers import unwrap_optimizer
 
-__all__ = ["BreakEvenSGD", "MonitoredLR", "unwrap_optimizer"]
+__all__ = ["BreakEvenSGD", "BreakEvenWarmup", "EdgeEstimate", "MonitoredLR", "edge_learning_rate", "suggest_lr",
+           "unwrap_optimizer"]
