@@ -93,8 +93,9 @@ def test_warmup_starts_at_margin_of_the_edge_and_never_exceeds_the_target():
         next_lr = lrs[record["step"] - 1]  # set by sched.step() after that optimizer step
         edge = record["lr"] / record["stability_ratio"]
         assert next_lr == pytest.approx(min(50.0, 0.8 * edge)) or record["stability_ratio"] >= 1
-    if handoff:  # the target was stable, or break-even passed: the target (no `after`) from then on
-        assert handoff["reason"] in ("target", "break_even") and lrs[end - 1:] == [50.0] * (20 - end + 1)
+    if handoff:  # the target is stable, or break-even passed: that rate (no `after`) from then on
+        expected = 50.0 if handoff["reason"] == "target" else handoff["fraction"] * 50.0
+        assert handoff["lr"] == pytest.approx(expected) and lrs[end - 1:] == [handoff["lr"]] * (20 - end + 1)
 
 
 def test_a_reachable_target_hands_over_at_once_to_the_after_schedule():
@@ -123,8 +124,9 @@ def test_hand_over_when_the_edge_allows_the_target():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.99 * edge, rel=1e-3)
     lrs = train(model, opt, sched, x, y, 60)
     handoff = [e for e in opt.monitor.events if e["event"] == "warmup_handoff"]
-    if handoff:
-        assert lrs[-1] == pytest.approx(1.02 * edge)
+    assert handoff, "a target just above the edge is reached, or break-even passes"
+    expected = 1.02 * edge if handoff[0]["reason"] == "target" else handoff[0]["lr"]
+    assert lrs[-1] == pytest.approx(expected) and expected <= 1.02 * edge * (1 + 1e-9)
     assert all(lr <= 1.02 * edge * (1 + 1e-9) for lr in lrs)
 
 
@@ -211,3 +213,17 @@ class TestBadInput:
         model, opt, _, _ = monitored()
         with pytest.raises(ValueError, match="step\\(epoch\\)"):
             BreakEvenWarmup(opt).step(3)
+
+
+def test_break_even_hands_over_at_the_rate_reached_and_scales_after():
+    """A target far above the edge is never forced on the run after break-even."""
+    model, opt, x, y = monitored(lr=1e4)
+    after = CosineAnnealingLR(opt, T_max=40)
+    sched = BreakEvenWarmup(opt, after=after)
+    lrs = train(model, opt, sched, x, y, 40)
+    handoff = [e for e in opt.monitor.events if e["event"] == "warmup_handoff"]
+    assert handoff and handoff[0]["reason"] == "break_even"
+    reached = handoff[0]["lr"]
+    assert reached < 1e4 and after.base_lrs == [pytest.approx(reached)]
+    end = handoff[0]["step"]
+    assert max(lrs[end:]) <= reached * (1 + 1e-9) and lrs[-1] < reached  # cosine decays from there

@@ -40,16 +40,20 @@ class BreakEvenWarmup(LRScheduler):
     (all groups get the same fraction of their target). After each optimizer step it reads
     the records the monitor took since the last step:
 
-    * a full measurement with a converged ``stability_ratio`` r at lr η gives η_edge = η/r;
-      the cheap signal's calibrated ``stability_ratio_update`` does the same between full
-      measurements (before break-even only: past it the cheap signal spikes);
+    * a full measurement with a converged ``stability_ratio`` r at lr η gives η_edge = η/r,
+      and the fraction becomes ``margin · η_edge / target`` (up or down);
+    * between full measurements the cheap signal's ``stability_ratio_update`` can only
+      *lower* it (before break-even): the curvature along the update is at most λ1^H, so
+      its edge is an upper bound;
     * two full measurements in a row above the edge (a catapult that does not resolve) or
       a skipped measurement (a non-finite loss) multiply the fraction by ``backoff``.
 
-    It hands over when the fraction reaches 1 (the target is stable) or when break-even has
-    been detected and a later full measurement is back below the edge. From then on each
-    ``step()`` advances ``after`` (whose lr starts at the target); without ``after`` the lr
-    stays at the target. Phase changes are events of the monitor (``warmup_start``,
+    It hands over when the fraction reaches 1 (the target is stable): from then on each
+    ``step()`` advances ``after``, from its own start; without ``after`` the lr stays at the
+    target. When break-even has been detected and a later full measurement is back below
+    the edge before the target is stable, it hands over at the rate reached: ``after``'s
+    base learning rates are scaled by the fraction (without ``after`` the lr stays there),
+    so a target above the edge is never forced on the run. Phase changes are events of the monitor (``warmup_start``,
     ``warmup_backoff``, ``warmup_handoff``); the lr in force is in every record.
 
     Advances at most once per optimizer step (safe under Accelerate's per-process calls);
@@ -131,7 +135,7 @@ class BreakEvenWarmup(LRScheduler):
         if self.fraction >= 1.0:
             self._hand_over("target")
         elif self._break_even_settled():
-            self._hand_over("break_even")
+            self._hand_over("break_even", scale=self.fraction)
 
     def get_lr(self) -> list[float]:
         return [base * self.fraction for base in self.base_lrs]
@@ -146,14 +150,16 @@ class BreakEvenWarmup(LRScheduler):
             ratio = _certified_ratio(record, cheap_ok=not self.monitor.break_even.reached)
             if ratio is None:
                 continue
-            full = "stability_ratio" in record
-            if full:
-                self.above_edge = self.above_edge + 1 if ratio >= 1 else 0
-            if full and self.above_edge >= 2:
+            edge = record["lr"] / ratio if ratio > 0 else math.inf
+            if "stability_ratio" not in record:  # the cheap signal: an upper bound on the edge
+                self.fraction = min(self.fraction, self.margin * edge / group_target)
+                continue
+            self.above_edge = self.above_edge + 1 if ratio >= 1 else 0
+            if self.above_edge >= 2:
                 self._back_off(record["step"], "catapult does not resolve")
                 continue
-            self.edge_lr = record["lr"] / ratio if ratio > 0 else math.inf
-            self.fraction = min(1.0, self.margin * self.edge_lr / group_target)
+            self.edge_lr = edge
+            self.fraction = min(1.0, self.margin * edge / group_target)
         if events:
             self._back_off(events[-1]["step"], events[-1].get("reason", "skipped measurement"))
 
@@ -171,17 +177,20 @@ class BreakEvenWarmup(LRScheduler):
         return any(r["step"] > result.detected_at and 0 <= r.get("stability_ratio", math.inf) < 1
                    for r in self.monitor.history)
 
-    def _hand_over(self, reason: str) -> None:
+    def _hand_over(self, reason: str, scale: float = 1.0) -> None:
         self.phase = "after"
         if self.after is not None:
-            lrs = self.after.get_last_lr()  # ``after``'s own start (its epoch 0)
+            # ``after``'s own start (its epoch 0), at the rate reached when scale < 1.
+            self.after.base_lrs = [base * scale for base in self.after.base_lrs]
+            lrs = [lr * scale for lr in self.after.get_last_lr()]
+            self.after._last_lr = list(lrs)
         else:
-            lrs = list(self.base_lrs)
+            lrs = [base * scale for base in self.base_lrs]
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
         self._last_lr = list(lrs)
         self.monitor.log_event({"event": "warmup_handoff", "step": self.monitor.step, "reason": reason,
-                                "fraction": self.fraction})
+                                "fraction": self.fraction, "lr": lrs[self.monitor.group]})
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
