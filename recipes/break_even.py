@@ -85,6 +85,30 @@ def interval(text: str) -> int | None:
         ) from None
 
 
+def warmup_spec(text: str) -> str:
+    """argparse type: 'none', 'auto' (sgdbreak.BreakEvenWarmup) or 'linear:N' (N steps)."""
+    value = text.strip().lower()
+    if value in ("none", "auto"):
+        return value
+    if value.startswith("linear:"):
+        try:
+            positive_int(value.split(":", 1)[1])
+            return value
+        except argparse.ArgumentTypeError:
+            pass
+    raise argparse.ArgumentTypeError(f"must be 'none', 'auto' or 'linear:N' with N > 0, got {text!r}")
+
+
+def make_warmup(spec: str, opt):
+    """The learning-rate scheduler of ``--warmup`` (None for 'none')."""
+    if spec == "auto":
+        return sgdbreak.BreakEvenWarmup(opt)  # measures the edge now: sets the starting lr
+    if spec.startswith("linear:"):
+        length = int(spec.split(":", 1)[1])
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / length))
+    return None
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -114,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=list(sgdbreak.measurement.monitor.MEASUREMENTS),
                    help="full measurement set (curvature_variance adds the Eq. 1 rule, alpha_star the α* line search)")
     p.add_argument("--init", choices=["glorot", "default"], default="glorot")
+    p.add_argument("--warmup", type=warmup_spec, default="none",
+                   help="early-phase lr: 'none' (the --lr from step 1), 'auto' (sgdbreak.BreakEvenWarmup: "
+                        "just below the edge of stability until --lr is stable or break-even passes) or "
+                        "'linear:N' (linear warmup over N steps)")
     p.add_argument("--report-to", choices=["none", "wandb", "tensorboard", "all"], default="none",
                    help="Accelerate tracker(s) to log to, besides the local run directory")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
@@ -177,7 +205,8 @@ def train_one(lr: float, args, x, y, accelerator, run_dir: Path) -> dict:
               "max_steps": args.max_steps, "seed": args.seed, "dataset": args.dataset, "num_examples": len(x),
               "probe_size": probe.num_examples, "init": args.init, "model": "SimpleCNN",
               "measure_every": args.measure_every or "adaptive", "cheap_every": args.cheap_every,
-              "measurements": list(args.measure), "processes": accelerator.num_processes}
+              "measurements": list(args.measure), "processes": accelerator.num_processes,
+              "warmup": args.warmup}
     loggers = []
     if accelerator.is_main_process:
         loggers.append(RunLog(run_dir, config))
@@ -197,6 +226,7 @@ def train_one(lr: float, args, x, y, accelerator, run_dir: Path) -> dict:
     )
     model, opt = accelerator.prepare(model, opt)
     inner = prepare_monitor(accelerator, opt).optimizer
+    scheduler = make_warmup(args.warmup, opt)
     bar = None
     if accelerator.is_main_process and not args.no_progress:
         from tqdm.auto import tqdm
@@ -212,6 +242,8 @@ def train_one(lr: float, args, x, y, accelerator, run_dir: Path) -> dict:
             loss = nn.functional.cross_entropy(model(xb), yb)
             accelerator.backward(loss)
             opt.step()
+            if scheduler is not None:
+                scheduler.step()
             step += 1
             if bar is not None:
                 latest = inner.latest

@@ -126,10 +126,13 @@ def test_plot_comparison_overlays_runs(tmp_path):
 
 def test_edge_sharpness_skips_records_without_lr_and_reads_the_logged_edge(tmp_path):
     with RunLog(tmp_path) as log:
-        log.log_measurement({"step": 0, "lr": 0.5})
+        log.log_measurement({"step": 0, "lr": 0.5, "momentum": 0.0})
         log.log_measurement({"step": 1})
         log.log_measurement({"step": 2, "lr": 0.25, "momentum": 0.5})
         log.log_measurement({"step": 3, "lr": 0.25, "momentum": 0.5, "edge_sharpness": 4.75})
+        # Not SGD (no momentum, no edge_sharpness: Adam, RMSprop, ...): no SGD line.
+        log.log_measurement({"step": 4, "lr": 0.25, "edge_sharpness_PH": 152.0})
+        log.log_measurement({"step": 5, "lr": 0.25})
     xs, ys = edge_sharpness(read_run(tmp_path))
     np.testing.assert_allclose(xs, [0, 2, 3])
     np.testing.assert_allclose(ys, [4.0, 12.0, 4.75])
@@ -158,3 +161,22 @@ def test_the_dashed_line_agrees_with_the_logged_stability_ratio(config):
     assert stability_ratio(0.1, edge, config.get("momentum", 0.0), **kwargs) == pytest.approx(1.0)
     wd = config.get("weight_decay", 0.0)
     assert record["stability_ratio"] == pytest.approx((record["lambda1_H"] + wd) / (edge + wd))
+
+
+def test_learning_rate_figure_draws_the_rate_and_the_certified_edge(tmp_path):
+    from sgdbreak.integrations.plots import plot_learning_rate
+
+    with RunLog(tmp_path) as log:
+        log.log_event({"event": "warmup_start", "step": 0, "lr": 0.1})
+        log.log_measurement({"step": 1, "lr": 0.1, "stability_ratio": 0.5, "hessian_converged": 1.0})
+        log.log_measurement({"step": 2, "lr": 0.2, "stability_ratio": 4.0, "hessian_converged": 0.0})
+        log.log_measurement({"step": 3, "lr": 0.2, "stability_ratio": 0.8, "hessian_converged": 1.0})
+    result = plot_learning_rate(read_run(tmp_path), tmp_path / "lr", formats=("png",))
+    lines = result.figure.axes[0].get_lines()
+    edge = [ln for ln in lines if ln.get_linestyle() == "--"]
+    np.testing.assert_allclose(edge[0].get_ydata(), [0.2, 0.25])  # the unconverged record is left out
+    assert (tmp_path / "lr.png").exists()
+    with RunLog(tmp_path / "empty") as log:
+        log.log_measurement({"step": 1, "lambda1_H": 2.0})
+    with pytest.raises(ValueError, match="learning rate"):
+        plot_learning_rate(read_run(tmp_path / "empty"))

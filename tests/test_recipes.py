@@ -118,3 +118,32 @@ def test_recipe_rejects_a_batch_larger_than_the_data(tmp_path, capsys):
         recipe.main(["--dataset", "digits", "--num-examples", "5000", "--output-dir", str(tmp_path)])
     assert exc.value.code == 2
     assert "--num-examples 5000: --dataset digits has only 1797 examples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("warmup", ["auto", "linear:6"])
+def test_recipe_warmup_drives_the_learning_rate(tmp_path, capsys, warmup):
+    recipe = load_recipe()
+    argv = [*SMALL[:SMALL.index("--lr")], "--lr", "5.0", *SMALL[SMALL.index("--measure-every"):]]
+    assert recipe.main([*argv, "--warmup", warmup, "--output-dir", str(tmp_path)]) == 0
+    run_dir = tmp_path / "lr_5"
+    config = json.loads((run_dir / "config.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "measurements.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert config["warmup"] == warmup and lrs and max(lrs) <= 5.0
+    if warmup == "auto":
+        start = next(e for e in events if e["event"] == "warmup_start")
+        assert start["lr"] < 5.0 and start["edge_lr"] > 0
+        from sgdbreak.integrations.cli import main as cli
+
+        assert cli(["report", str(run_dir), "--formats", "png"]) == 0
+        assert (run_dir / "breakeven_lr.png").exists()
+    else:
+        assert lrs[0] == pytest.approx(5.0 * 2 / 6)  # measured after step 1, lr of step 2
+
+
+def test_recipe_rejects_a_bad_warmup(capsys):
+    recipe = load_recipe()
+    with pytest.raises(SystemExit) as info:
+        recipe.parse_args(["--warmup", "linear:0"])
+    assert info.value.code == 2 and "linear:N" in capsys.readouterr().err

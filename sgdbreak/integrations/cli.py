@@ -216,6 +216,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
                 result.figure.clear()
                 if not args.json:
                     print(f"  figure: {', '.join(str(p) for p in result.paths)}")
+            if any(e.get("event") == "warmup_start" for e in run.events):
+                result = plots.plot_learning_rate(run, f"{stem}_lr", x=args.x, formats=args.formats)
+                result.figure.clear()
+                if not args.json:
+                    print(f"  learning-rate figure: {', '.join(str(p) for p in result.paths)}")
         if not args.json:
             print()
     if plots is not None and args.out is not None and len(runs) > 1:

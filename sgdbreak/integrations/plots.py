@@ -41,6 +41,7 @@ __all__ = [
     "PlotResult",
     "edge_sharpness",
     "plot_comparison",
+    "plot_learning_rate",
     "plot_run",
     "run_label",
 ]
@@ -79,7 +80,9 @@ def edge_sharpness(run: Run, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
     Read from the records' ``edge_sharpness`` (threshold/η − weight decay, written by the
     monitor with the optimizer's Nesterov, dampening and weight decay), so the line and the
     logged ``stability_ratio`` agree. Records of older runs without it fall back to
-    :func:`sgdbreak.measurement.breakeven.stability_threshold` of their ``lr`` and ``momentum``.
+    :func:`sgdbreak.measurement.breakeven.stability_threshold` of their ``lr`` and ``momentum``;
+    records with neither (Adam's edge is on λ1_PH, ``edge_sharpness_PH``; other optimizers
+    have none) get no line.
     Records without a positive ``lr`` are skipped; the learning rate may change mid-run.
     """
     xs, ys = [], []
@@ -89,7 +92,8 @@ def edge_sharpness(run: Run, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
             continue
         if not isinstance(edge, (int, float)):
             beta = rec.get("momentum")
-            beta = beta if isinstance(beta, (int, float)) else 0.0
+            if not isinstance(beta, (int, float)):
+                continue  # not SGD (Adam, others): SGD's line would be wrong
             edge = be.stability_threshold(beta) / lr
         xs.append(float(xv))
         ys.append(float(edge))
@@ -286,3 +290,51 @@ def plot_comparison(
     axes[0].legend(fontsize=7, title="dotted: break-even", title_fontsize=7)
     paths = _save(fig, out_path_stem, formats)
     return PlotResult(fig, paths)
+
+
+def plot_learning_rate(
+    run: Run | str | os.PathLike,
+    out_path_stem: str | os.PathLike | None = None,
+    *,
+    x: str = "step",
+    formats: Sequence[str] = ("png", "pdf"),
+) -> PlotResult:
+    """The learning rate in force against the edge-of-stability rate, η_edge = η / stability ratio.
+
+    The edge comes from every record with a converged ``stability_ratio`` (threshold/λ1^H
+    for SGD, the preconditioned λ1^PH for Adam); a run driven by
+    :class:`~sgdbreak.BreakEvenWarmup` rides just below it until its hand-off, marked with
+    break-even. Log scale.
+
+    Raises:
+        ValueError: if the run has no records with a learning rate.
+    """
+    run = _as_run(run)
+    lr_x, lrs = run.series("lr", x=x)
+    if not lr_x.size:
+        raise ValueError(f"run {run.run_dir} has no records with a learning rate against {x!r}")
+    edge_x, edges = [], []
+    for rec in run.records:
+        lr, ratio, xv = rec.get("lr"), rec.get("stability_ratio"), rec.get(x)
+        converged = rec.get("hessian_converged", rec.get("preconditioned_converged", 1.0))
+        if all(isinstance(v, (int, float)) for v in (lr, ratio, xv)) and ratio > 0 and converged:
+            edge_x.append(float(xv))
+            edges.append(lr / ratio)
+    fig, (ax,) = _new_figure(1)
+    ax.step(lr_x, lrs, where="post", color="C0", lw=1.6, label=r"$\eta_t$")
+    if edges:
+        ax.plot(edge_x, edges, "o--", ms=3, color="k", lw=1.0, label=r"$\eta_{edge}$ = threshold / $\lambda_1$")
+    for event in run.events:
+        if event.get("event") in ("break_even", "warmup_handoff"):
+            ex = _event_x(run, event, x)
+            if ex is not None:
+                ax.axvline(ex, color="C3" if event["event"] == "break_even" else "C2", ls=":",
+                           label=event["event"].replace("_", " "))
+    values = np.concatenate([lrs, np.asarray(edges)]) if edges else lrs
+    if np.all(values > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel("learning rate")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return PlotResult(fig, _save(fig, out_path_stem, formats))
