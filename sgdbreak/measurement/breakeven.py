@@ -33,6 +33,7 @@ __all__ = [
     "BreakEvenDetector",
     "BreakEvenResult",
     "RuleFiring",
+    "adam_stability_threshold",
     "eq1_lhs",
     "stability_ratio",
     "stability_threshold",
@@ -52,6 +53,11 @@ DEFAULT_QUALITY_KEYS = {
     "lambda1_H": "hessian_converged",
 }
 """Values the detector uses only when their solver certified them (record key -> flag key)."""
+
+# Adam's stability_ratio comes from the preconditioned solve: when a record carries this flag
+# as well it must be true too, whatever ``quality_keys`` says (kept out of the configuration
+# so checkpoints of earlier versions still load).
+_ALSO_CERTIFIED_BY = {"stability_ratio": "preconditioned_converged"}
 
 
 # --------------------------------------------------------------------------- validation
@@ -118,6 +124,39 @@ def stability_threshold(
     if beta == 0.0:
         return 2.0  # torch ignores dampening without momentum (no momentum buffer)
     return (2.0 + 2.0 * beta) / (1.0 - tau)
+
+
+def adam_stability_threshold(beta1: float = 0.9, *, lr: float = 0.0,
+                             decoupled_weight_decay: float = 0.0) -> float:
+    """Value of η·λ1(P⁻¹H) at which Adam with a frozen preconditioner P becomes unstable.
+
+    ``torch.optim.Adam`` steps ``θ ← θ − η P⁻¹ m`` with ``m ← β1 m + (1 − β1) g`` and
+    P = (1 − β1^t)·diag(√v̂ + ε) (Cohen et al. 2022): heavy ball with dampening β1 in the
+    coordinates y = P^{1/2} θ, where the curvature is P^{-1/2} H P^{-1/2}. The Jury
+    criterion puts the edge at ``(2 + 2β1)/(1 − β1)`` (38 for β1 = 0.9). AdamW's decoupled
+    decay multiplies θ by c = 1 − η·wd before each step, which moves the edge to
+    ``(1 + c)(1 + β1)/(1 − β1)`` (slightly lower).
+
+    Args:
+        beta1: β1 in [0, 1).
+        lr: η >= 0 (only used with ``decoupled_weight_decay``).
+        decoupled_weight_decay: AdamW's wd >= 0 (coupled decay belongs in H instead).
+
+    Example:
+        >>> adam_stability_threshold(0.9)
+        38.0
+    """
+    beta = V.real("beta1", beta1)
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta1 must be in [0, 1), got {beta1!r}")
+    eta, wd = V.real("lr", lr), V.real("decoupled_weight_decay", decoupled_weight_decay)
+    if eta < 0.0 or wd < 0.0:
+        raise ValueError(f"lr and decoupled_weight_decay must be >= 0, got {lr!r}, {decoupled_weight_decay!r}")
+    c = 1.0 - eta * wd
+    if not -1.0 < c <= 1.0:
+        raise ValueError(f"lr·decoupled_weight_decay must be in [0, 2), got {eta * wd!r}: the decay "
+                         "alone makes the iterates diverge")
+    return (1.0 + c) * (1.0 + beta) / (1.0 - beta)
 
 
 def stability_ratio(
@@ -495,13 +534,8 @@ class BreakEvenDetector:
 
     def _certified(self, record: Mapping[str, Any], key: str) -> bool:
         """False when the record flags ``key``'s measurement as not certified."""
-        flag = self._quality_keys.get(key)
-        if flag is None or flag not in record:
-            return True
-        value = record[flag]
-        if isinstance(value, bool):
-            return value
-        return isinstance(value, numbers.Real) and value >= 0.5
+        return all(_flag_true(record, flag)
+                   for flag in (self._quality_keys.get(key), _ALSO_CERTIFIED_BY.get(key)))
 
     def _parse_step(self, record: Mapping[str, Any]) -> int:
         if "step" not in record:
@@ -686,6 +720,16 @@ class BreakEvenDetector:
         self._runs = runs
         self._peaks = peaks
         self._firings = firings
+
+
+def _flag_true(record: Mapping[str, Any], flag: str | None) -> bool:
+    """False only when the record holds ``flag`` and it is false (< 0.5)."""
+    if flag is None or flag not in record:
+        return True
+    value = record[flag]
+    if isinstance(value, bool):
+        return value
+    return isinstance(value, numbers.Real) and value >= 0.5
 
 
 def _plain(value: Any) -> Any:

@@ -108,8 +108,9 @@ class BreakEvenMonitor:
     Args:
         probe: the measurement set (:class:`~sgdbreak.Probe`).
         quantities: what to measure (default :func:`~sgdbreak.default_quantities`: the
-            cheap signal, λ1^H, the noise spectrum, ‖γ‖, and for an Adam/AdamW optimizer
-            :class:`~sgdbreak.PreconditionedSharpness`, added when it is bound). Any object
+            cheap signal, λ1^H, the noise spectrum, ‖γ‖; bound to Adam/AdamW, a monitor
+            built without ``quantities=`` adds :class:`~sgdbreak.PreconditionedSharpness`
+            after λ1^H, with its settings). Any object
             with a ``name`` and ``compute(ctx)`` works; names must be unique.
         measure_every: trigger for full measurements (every quantity): an int (every n
             steps), a callable ``step -> bool`` or None. Default
@@ -164,7 +165,7 @@ class BreakEvenMonitor:
         self._observe_modes = tuple(_observe_mode(t) for _, t in self._triggers())
         self.quantities = list(quantities_from_settings(**settings) if quantities is None
                                else quantities)
-        self._defaults = quantities is None and not settings  # extended for Adam at bind
+        self._defaults = quantities is None  # chosen by sgdbreak: λ1_PH joins λ1^H under Adam (bind)
         self._seed = seed
         self._check_quantities(seed)
         _check_processes(probe)
@@ -304,7 +305,7 @@ class BreakEvenMonitor:
                 f"sgdbreak knows the edge of stability of SGD, Adam and AdamW, not of "
                 f"{type(optimizer).__name__}: measurements continue without stability_ratio, "
                 "edge_sharpness and the detector's stability and Eq. 1 rules")
-        elif rule == ur.ADAM and self._defaults:
+        elif rule == ur.ADAM and getattr(self, "_defaults", False):
             self._add_preconditioned_sharpness(optimizer)
         self.optimizer = optimizer
 
@@ -316,17 +317,18 @@ class BreakEvenMonitor:
     def _add_preconditioned_sharpness(self, optimizer: torch.optim.Optimizer) -> None:
         """Default quantities under Adam: λ1_PH after λ1^H (once; a checkpoint finds it by name)."""
         names = [quantity.name for quantity in self.quantities]
-        if "preconditioned_sharpness" in names:
+        if "sharpness" not in names or "preconditioned_sharpness" in names:
             return
-        quantity = q.PreconditionedSharpness()
+        sharpness = self.quantities[names.index("sharpness")]
+        quantity = q.PreconditionedSharpness(tol=sharpness.tol, max_hvps=sharpness.max_hvps,
+                                             cold_restart_every=sharpness.cold_restart_every)
         quantity.setup(self.probe, self._seed)
         try:
             quantity.bind(optimizer, self.group)
         except ValueError as err:
             self._warn_once("no-preconditioned", f"{err}; measuring without it")
             return
-        where = names.index("sharpness") + 1 if "sharpness" in names else len(names)
-        self.quantities.insert(where, quantity)
+        self.quantities.insert(names.index("sharpness") + 1, quantity)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> BreakEvenMonitor:
         """Measure around ``optimizer.step()`` of any torch optimizer via step hooks."""

@@ -14,6 +14,7 @@ Optional attributes a quantity may define (the built-ins do):
 * ``needs_update = True``: needs ``ctx.before`` (θ_t, so the update Δ = θ_{t+1} − θ_t);
 * ``uses_hessian = True``: calls ``ctx.hessian_operator()`` (so it is kept until then);
 * ``setup(probe, seed)``: check settings against the probe, fix random subsets;
+* ``bind(optimizer, group)``: check the optimizer (the monitor calls it when it binds one);
 * ``after_record(record)``: see the finished record (e.g. to calibrate against λ1^H);
 * ``state_dict()`` / ``load_state_dict(state)``: checkpointed with the monitor.
 
@@ -43,6 +44,7 @@ from .. import _validation as V
 from ..estimators.hessian import eigenvalues_of_operator
 from ..estimators.linalg import hutchinson_trace
 from . import breakeven as be
+from . import update_rules as ur
 from .probe import Probe
 from .protocols import Quantity
 
@@ -53,6 +55,7 @@ __all__ = [
     "GradientNoise",
     "HessianTrace",
     "MeasurementContext",
+    "PreconditionedSharpness",
     "Quantity",
     "Sharpness",
     "UpdateSharpness",
@@ -80,8 +83,9 @@ class MeasurementContext:
         step: optimizer steps completed.
         probe: the :class:`~sgdbreak.Probe` measured on.
         optimizer: the monitored optimizer (or None).
-        hyper: the measured parameter group's ``lr``, ``momentum``, ``dampening``,
-            ``weight_decay`` and ``nesterov`` (empty without an optimizer).
+        hyper: the measured parameter group's settings and its update ``rule``
+            (:func:`sgdbreak.measurement.update_rules.hyperparameters`; empty without an
+            optimizer).
         generator: the monitor's generator: draw random numbers from it only, so a run
             resumes exactly and the global RNG is never touched.
         before: parameters before the last update (quantities with ``needs_update``), or None.
@@ -131,14 +135,24 @@ class MeasurementContext:
             self._gradient = self.probe.gradient()
         return self._gradient
 
+    @property
+    def rule(self) -> str | None:
+        """The update's stability rule: ``"sgd"``, ``"adam"`` or None (none known).
+
+        From ``hyper["rule"]``, else from the optimizer; a context without either (built
+        by hand with SGD's settings, as in sgdbreak 0.1) counts as SGD.
+        """
+        if "rule" in self.hyper:
+            return self.hyper["rule"]
+        return ur.stability_rule(self.optimizer) if self.optimizer is not None else ur.SGD
+
     def stability_ratio(self, sharpness: float) -> float | None:
-        """η·(λ + wd)/threshold for the measured group, or None without a learning rate."""
-        if "lr" not in self.hyper:
-            return None
-        h = self.hyper
-        return be.stability_ratio(h["lr"], sharpness, h.get("momentum", 0.0),
-                                  dampening=h.get("dampening", 0.0), nesterov=h.get("nesterov", False),
-                                  weight_decay=h.get("weight_decay", 0.0))
+        """η·(λ1^H + wd)/threshold under SGD; None for another update or without a learning rate."""
+        return ur.sgd_ratio({**self.hyper, "rule": self.rule}, sharpness)
+
+    def preconditioned_stability_ratio(self, sharpness: float) -> float | None:
+        """η·λ1_PH/threshold under Adam; None for another update or without a learning rate."""
+        return ur.adam_ratio({**self.hyper, "rule": self.rule}, sharpness)
 
 
 # --------------------------------------------------------------------------- validation
@@ -152,6 +166,19 @@ def _needs_two(quantity: str, name: str, size: int, probe: Probe) -> None:
             "normalise a batch of one: use a larger probe or value, or Probe(..., batchnorm='eval')")
 
 
+def _warm_vectors(owner: str, state: Mapping[str, Any], probe: Probe) -> Tensor | None:
+    """The warm-start block of a checkpoint, checked against the probe's width."""
+    wv = state["warm_vectors"]
+    if wv is None:
+        return None
+    if not isinstance(wv, Tensor) or wv.dim() != 2 or wv.shape[1] != probe.dim:
+        shape = tuple(wv.shape) if isinstance(wv, Tensor) else type(wv).__name__
+        raise ValueError(
+            f"{owner}: the state's warm-start vectors have shape {shape} but the probe "
+            f"measures {probe.dim} parameters: the checkpoint belongs to another model")
+    return wv.to(device=probe.device, dtype=probe.params[0].dtype)
+
+
 def _subset(probe: Probe, examples: int, seed: int) -> Tensor:
     """A fixed random subset of the probe (sorted indices), the same for every quantity."""
     n = probe.num_examples
@@ -163,7 +190,7 @@ def _subset(probe: Probe, examples: int, seed: int) -> Tensor:
 
 
 class Sharpness:
-    """λ1^H (``lambda1_H``, ``eig_H_1..k``, ``top5_sum_H`` for k >= 5) and ``stability_ratio``.
+    """λ1^H (``lambda1_H``, ``eig_H_1..k``, ``top5_sum_H`` for k >= 5) and, under SGD, ``stability_ratio``.
 
     Warm-started Lanczos on the probe's Hessian: the previous solve's Ritz vectors start the
     next one (a few products instead of a cold solve's 10-15). Records
@@ -217,19 +244,114 @@ class Sharpness:
         return {"warm_vectors": self.warm_vectors, "num_solves": self.num_solves}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        wv = state["warm_vectors"]
-        if wv is not None:
-            probe = self._probe
-            if not isinstance(wv, Tensor) or wv.dim() != 2 or wv.shape[1] != probe.dim:
-                shape = tuple(wv.shape) if isinstance(wv, Tensor) else type(wv).__name__
-                raise ValueError(
-                    f"Sharpness: the state's warm-start vectors have shape {shape} but the probe "
-                    f"measures {probe.dim} parameters: the checkpoint belongs to another model")
-            wv = wv.to(device=probe.device, dtype=probe.params[0].dtype)
-        self.warm_vectors, self.num_solves = wv, int(state["num_solves"])
+        self.warm_vectors = _warm_vectors("Sharpness", state, self._probe)
+        self.num_solves = int(state["num_solves"])
 
     def __repr__(self) -> str:
         return f"Sharpness(k={self.k}, tol={self.tol}, max_hvps={self.max_hvps})"
+
+
+class PreconditionedSharpness:
+    """Adam's preconditioned sharpness λ1(P⁻¹H) (``lambda1_PH``, ``eig_PH_1..k``) and ``stability_ratio``.
+
+    Warm-started Lanczos on the symmetric P^{-1/2} H P^{-1/2} (similar to P⁻¹H: the same
+    eigenvalues), P = (1 − β1^t)·diag(√v̂_t + ε) from the optimizer's state after step t
+    (``max_exp_avg_sq`` with ``amsgrad``); the Hessian products come from the shared
+    operator. Adam's edge is η·λ1_PH = (2 + 2β1)/(1 − β1), 38 for β1 = 0.9 (Cohen et al.
+    2022), so ``stability_ratio`` = η·λ1_PH/threshold; ``preconditioned_converged``
+    certifies it for the detector.
+
+    Conventions (:func:`sgdbreak.measurement.update_rules.adam_scaling`): with Adam's
+    coupled ``weight_decay`` the operator is P^{-1/2}(H + wd·I)P^{-1/2}, the Hessian the
+    update follows; AdamW's decoupled decay is not curvature and lowers the threshold
+    instead (:func:`~sgdbreak.measurement.breakeven.adam_stability_threshold`). Groups
+    with another lr count at their lr relative to the measured group's; parameters the
+    optimizer does not update are left out. Before the first step P is the one Adam's
+    first step will use: v̂ = g² of the probe gradient, t = 1.
+
+    Needs a :class:`torch.optim.Adam` or :class:`torch.optim.AdamW` (or a subclass, e.g.
+    :class:`~sgdbreak.BreakEvenAdam`); other optimizers raise ``ValueError``.
+
+    Args:
+        k: number of top eigenvalues.
+        tol: relative accuracy of λ1_PH.
+        max_hvps: product budget per solve.
+        cold_restart_every: start from a random block every n solves; None = never.
+    """
+
+    name = "preconditioned_sharpness"
+    uses_hessian = True
+
+    def __init__(self, k: int = 1, *, tol: float = 1e-3, max_hvps: int = 30,
+                 cold_restart_every: int | None = None):
+        self.k = V.integer("PreconditionedSharpness: k", k, 1)
+        self.tol = V.real("PreconditionedSharpness: tol", tol, positive=True)
+        self.max_hvps = V.integer("PreconditionedSharpness: max_hvps", max_hvps, 1)
+        self.cold_restart_every = V.optional_integer("PreconditionedSharpness: cold_restart_every",
+                                                     cold_restart_every, 1)
+        self.warm_vectors: Tensor | None = None
+        self.num_solves = 0
+
+    def setup(self, probe: Probe, seed: int) -> None:
+        self._probe = probe
+
+    def bind(self, optimizer: torch.optim.Optimizer, group: int) -> None:
+        """Refuse an optimizer that is not Adam, or groups of the probe with different β1."""
+        _require_adam(ur.stability_rule(optimizer), optimizer)
+        inner = ur.inner_optimizer(optimizer)
+        probe_ids = {id(p) for p in self._probe.params}
+        betas = {float(g["betas"][0]) for g in inner.param_groups
+                 if any(id(p) in probe_ids for p in g["params"])}
+        if len(betas) > 1:
+            raise ValueError(
+                f"PreconditionedSharpness: the probe's parameters are in groups with different β1 "
+                f"{sorted(betas)}; Adam's edge (2 + 2β1)/(1 − β1) needs one β1: measure one group "
+                "(Probe(..., params=...)) or leave this quantity out")
+
+    def compute(self, ctx: MeasurementContext) -> dict[str, float]:
+        _require_adam(ctx.rule, ctx.optimizer)
+        op = ctx.hessian_operator()
+        d, w = ur.adam_scaling(ctx.optimizer, ctx.params, ctx.hyper.get("group", 0), ctx.gradient)
+        shift = (w * d * d).to(dtype=op.dtype, device=op.device)
+        d = d.to(dtype=op.dtype, device=op.device)
+
+        def matvec(v: Tensor) -> Tensor:
+            return d * op(d * v) + shift * v
+
+        cold = self.cold_restart_every is not None and self.num_solves % self.cold_restart_every == 0
+        res = eigenvalues_of_operator(
+            matvec, op.dim, self.k, tol=self.tol, max_hvps=self.max_hvps,
+            warm_start=None if cold else self.warm_vectors, generator=ctx.generator,
+            dtype=op.dtype, device=op.device,
+        )
+        self.num_solves += 1
+        self.warm_vectors = res.start_vectors.detach().clone()
+        out = {"lambda1_PH": float(res.eigenvalues[0]), "preconditioned_converged": float(res.converged)}
+        for i, value in enumerate(res.eigenvalues.tolist()):
+            out[f"eig_PH_{i + 1}"] = value
+        ratio = ctx.preconditioned_stability_ratio(out["lambda1_PH"])
+        if ratio is not None:
+            out["stability_ratio"] = ratio
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"warm_vectors": self.warm_vectors, "num_solves": self.num_solves}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.warm_vectors = _warm_vectors("PreconditionedSharpness", state, self._probe)
+        self.num_solves = int(state["num_solves"])
+
+    def __repr__(self) -> str:
+        return f"PreconditionedSharpness(k={self.k}, tol={self.tol}, max_hvps={self.max_hvps})"
+
+
+def _require_adam(rule: str | None, optimizer: Any) -> None:
+    if optimizer is None or rule != ur.ADAM:
+        what = "no optimizer" if optimizer is None else type(optimizer).__name__
+        raise ValueError(
+            f"PreconditionedSharpness measures Adam's preconditioned sharpness from the optimizer's "
+            f"state, but the monitor has {what}: use torch.optim.Adam/AdamW (or sgdbreak.BreakEvenAdam"
+            "/BreakEvenAdamW), or Sharpness for λ1^H")
 
 
 class HessianTrace:
@@ -284,7 +406,7 @@ class CurvatureVariance:
         s2 = ctx.probe.curvature_variance(ctx.top_eigenvector, num_groups=self.groups,
                                           generator=ctx.generator)
         out = {"curvature_variance": s2}  # a non-finite s² is dropped by the monitor
-        if "lr" in ctx.hyper and math.isfinite(s2):
+        if "lr" in ctx.hyper and math.isfinite(s2) and ctx.rule == ur.SGD:  # Eq. 1 is SGD's
             eta = ctx.hyper["lr"] * (1 - ctx.hyper.get("dampening", 0.0))
             out["eq1_lhs"] = be.eq1_lhs(eta, lam, s2, dataset_size=self.dataset_size,
                                         batch_size=self.batch_size)
@@ -392,7 +514,8 @@ class UpdateSharpness:
     to f(0) (Kalra et al.). ``update_sharpness_error`` bounds its float rounding error; the
     value and what is built on it are recorded only when the bound is at most 10 % of it.
     ``lambda1_H_update`` rescales it by the ratio λ1^H / update_sharpness of the full
-    measurements (an EMA), and ``stability_ratio_update`` is its stability ratio.
+    measurements (an EMA), and ``stability_ratio_update`` is its stability ratio (under
+    SGD only: the update's curvature is that of H, while Adam's edge is on P⁻¹H).
     """
 
     name = "update_sharpness"
@@ -431,7 +554,9 @@ class UpdateSharpness:
         if out["update_sharpness"] > 0 and lr is not None:
             scale = self.calibration if self.calibration is not None else 1.0
             out["lambda1_H_update"] = scale * out["update_sharpness"]
-            out["stability_ratio_update"] = ctx.stability_ratio(out["lambda1_H_update"])
+            ratio = ctx.stability_ratio(out["lambda1_H_update"])
+            if ratio is not None:
+                out["stability_ratio_update"] = ratio
         return out
 
     @staticmethod
@@ -546,9 +671,16 @@ class BatchNormGamma:
         return "BatchNormGamma()"
 
 
-def default_quantities() -> list[Quantity]:
+def default_quantities(rule: str | None = "sgd") -> list[Quantity]:
     """What the monitor measures by default: the cheap signal, λ1^H, the noise spectrum, ‖γ‖.
 
-    Add your own with ``quantities=[*sgdbreak.default_quantities(), MyQuantity()]``.
+    With ``rule="adam"`` :class:`PreconditionedSharpness` follows :class:`Sharpness` (its
+    λ1_PH gives Adam's ``stability_ratio``; it shares the Hessian graph, so it costs its
+    own few Hessian-vector products only). Add your own with
+    ``quantities=[*sgdbreak.default_quantities(), MyQuantity()]``.
     """
-    return [UpdateSharpness(), Sharpness(), GradientNoise(), BatchNormGamma()]
+    rule = V.choice("rule", rule, (ur.SGD, ur.ADAM, None))
+    curvature: list[Quantity] = [Sharpness()]
+    if rule == ur.ADAM:
+        curvature.append(PreconditionedSharpness())
+    return [UpdateSharpness(), *curvature, GradientNoise(), BatchNormGamma()]
