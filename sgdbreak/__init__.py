@@ -10,7 +10,7 @@ Layout (one-way dependencies, top to bottom):
   Hutchinson, Hessian-vector products, the noise spectrum K);
 * ``measurement``: the probe, quantities (what to measure), triggers (when), the
   monitor and the break-even detector;
-* ``optim``: ``BreakEvenSGD`` and the schedulers that read the monitor;
+* ``optim``: ``BreakEvenSGD``, ``BreakEvenAdam``/``BreakEvenAdamW`` and the schedulers that read the monitor;
 * ``integrations``: several processes (Accelerate), run directories, trackers,
   figures and the command line;
 * ``workloads``: the paper's models and offline data sets, for recipes and benchmarks;
@@ -61,12 +61,14 @@ from .measurement.quantities import (
     GradientNoise,
     HessianTrace,
     MeasurementContext,
+    PreconditionedSharpness,
     Quantity,
     Sharpness,
     UpdateSharpness,
     default_quantities,
 )
 from .optim import schedulers
+from .optim.adam import BreakEvenAdam, BreakEvenAdamW
 from .optim.schedulers import MonitoredLR
 from .optim.sgd import BreakEvenSGD
 from .optim.suggest import EdgeEstimate, edge_learning_rate, suggest_lr
@@ -77,6 +79,8 @@ __version__ = "0.2.0"
 __all__ = [
     "AlphaStar",
     "BatchNormGamma",
+    "BreakEvenAdam",
+    "BreakEvenAdamW",
     "BreakEvenDetector",
     "BreakEvenMonitor",
     "BreakEvenResult",
@@ -95,6 +99,7 @@ __all__ = [
     "MeasurementContext",
     "MonitoredLR",
     "NonFiniteMeasurement",
+    "PreconditionedSharpness",
     "Probe",
     "Quantity",
     "ReplicaNoise",
