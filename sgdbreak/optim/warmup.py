@@ -53,8 +53,9 @@ class BreakEvenWarmup(LRScheduler):
     target. When break-even has been detected and a later full measurement is back below
     the edge before the target is stable, it hands over at the rate reached: ``after``'s
     base learning rates are scaled by the fraction (without ``after`` the lr stays there),
-    so a target above the edge is never forced on the run. Phase changes are events of the monitor (``warmup_start``,
-    ``warmup_backoff``, ``warmup_handoff``); the lr in force is in every record.
+    so a target above the edge is never forced on the run. Phase changes are events of
+    the monitor (``warmup_start``, ``warmup_backoff``, ``warmup_handoff``); the lr in force
+    is in every record.
 
     Advances at most once per optimizer step (safe under Accelerate's per-process calls);
     ``state_dict`` holds everything, ``after``'s state included.
