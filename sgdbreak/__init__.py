@@ -1,4 +1,4 @@
-"""sgdbreak: online sharpness and gradient-noise tracking and break-even detection for SGD.
+"""sgdbreak: online sharpness and gradient-noise tracking and break-even detection for SGD and Adam.
 
 Implements the measurements of Jastrzebski et al., "The Break-Even Point on Optimization
 Trajectories of Deep Neural Networks" (ICLR 2020). ``import sgdbreak`` pulls in torch,
