@@ -110,3 +110,12 @@ def test_as_trigger_types():
 def test_adaptive_bad_config(kwargs):
     with pytest.raises(ValueError):
         Adaptive(**kwargs)
+
+
+def test_adaptive_follows_the_preconditioned_sharpness_when_no_lambda1_H_is_measured():
+    trig = Adaptive(min_every=10)
+    trig.observe({"step": 1, "lambda1_PH": 100.0})
+    assert not trig(5) and trig(11)
+    only_h = Adaptive(min_every=10, key="lambda1_H")
+    only_h.observe({"step": 1, "lambda1_PH": 100.0})
+    assert only_h(5)  # that key never appears: it keeps firing

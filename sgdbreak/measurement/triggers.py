@@ -112,7 +112,9 @@ class Adaptive:
     at or above ``alarm``) brings the next measurement forward to ``min_every`` steps
     until break-even has been detected (``observe`` sees the monitor's records). After
     break-even the interval grows by ``settled_factor`` at every measurement: λ1^H then
-    hovers noisily near 2/η and would otherwise keep the cadence dense.
+    hovers noisily near 2/η and would otherwise keep the cadence dense. ``key``: the record
+    key (or keys, the first present is used) whose change drives the interval: λ1^H, else
+    the preconditioned λ1^PH of an Adam monitor that does not measure λ1^H.
     """
 
     def __init__(
@@ -125,7 +127,7 @@ class Adaptive:
         settled_factor: float = 4.0,
         change: float = 0.25,
         alarm: float | None = 0.5,
-        key: str = "lambda1_H",
+        key: str | tuple[str, ...] = ("lambda1_H", "lambda1_PH"),
     ):
         self.first = V.integer("first", first, 1)
         self.min_every = V.integer("min_every", min_every, 1)
@@ -138,7 +140,8 @@ class Adaptive:
         if not change > 0:
             raise ValueError(f"change must be > 0, got {change!r}")
         self.factor, self.settled_factor = float(factor), float(settled_factor)
-        self.change, self.alarm, self.key = float(change), alarm, key
+        self.change, self.alarm = float(change), alarm
+        self.key = (key,) if isinstance(key, str) else tuple(key)  # the first one a record has
         self.interval = float(self.min_every)
         self.next_step = self.first
         self.previous: float | None = None
@@ -151,8 +154,9 @@ class Adaptive:
         """Adapt the interval to a new record (full measurement or cheap signal)."""
         step = int(record["step"])
         self.settled = self.settled or break_even_reached
-        if self.key in record:
-            value = float(record[self.key])
+        key = next((k for k in self.key if k in record), None)
+        if key is not None:
+            value = float(record[key])
             if self.settled:
                 # Past break-even λ1^H hovers noisily near 2/η: back off regardless.
                 self.interval = min(self.max_every, self.interval * self.settled_factor)
