@@ -48,12 +48,14 @@ class BreakEvenWarmup(LRScheduler):
     * two full measurements in a row above the edge (a catapult that does not resolve) or
       a skipped measurement (a non-finite loss) multiply the fraction by ``backoff``.
 
-    It hands over when the fraction reaches 1 (the target is stable): from then on each
-    ``step()`` advances ``after``, from its own start; without ``after`` the lr stays at the
-    target. When break-even has been detected and a later full measurement is back below
-    the edge before the target is stable, it hands over at the rate reached: ``after``'s
-    base learning rates are scaled by the fraction (without ``after`` the lr stays there),
-    so a target above the edge is never forced on the run. Phase changes are events of
+    When the fraction reaches 1 (the target is stable) ``after`` starts, from its own start
+    (without ``after`` the lr is the target), but until break-even has passed the edge
+    still caps it: the lr is ``after``'s times ``min(1, margin · η_edge / after's lr)``, so
+    progressive sharpening after a transient drop of the sharpness (a catapult) cannot
+    push the run over the edge. When break-even has been detected and a later full
+    measurement is back below the edge, the cap in force is frozen into ``after``'s base
+    learning rates and ``after`` runs free; a target above the edge is never forced on
+    the run (event ``warmup_release``). Phase changes are events of
     the monitor (``warmup_start``, ``warmup_backoff``, ``warmup_handoff``); the lr in force
     is in every record.
 
@@ -125,42 +127,64 @@ class BreakEvenWarmup(LRScheduler):
             return
         self.monitor_step = self.monitor.step
         if self.phase == "after":
-            if self.after is not None:
-                self.after.step()
-                self._last_lr = self.after.get_last_lr()
-            else:
-                self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+            self._last_lr = self._advance_after()
             return
-        self._follow_measurements()
+        if self.phase == "guarded":  # ``after`` runs, capped by the edge until break-even
+            uncapped = self._advance_after()
+            self._follow_measurements(uncapped[self.monitor.group])
+            self._set_lrs([lr * self.fraction for lr in uncapped])
+            if self._break_even_settled():
+                self._hand_over("break_even", scale=self.fraction, event="warmup_release")
+            return
+        self._follow_measurements(self.base_lrs[self.monitor.group])
         super().step()
         if self.fraction >= 1.0:
-            self._hand_over("target")
+            self.phase = "guarded"
+            self._set_lrs(self._advance_after(start=True))
+            self.monitor.log_event({"event": "warmup_handoff", "step": self.monitor.step, "reason": "target",
+                                    "fraction": 1.0, "lr": self._last_lr[self.monitor.group]})
         elif self._break_even_settled():
             self._hand_over("break_even", scale=self.fraction)
+
+    def _advance_after(self, *, start: bool = False) -> list[float]:
+        """``after``'s own (uncapped) learning rates, one step on (its start when ``start``)."""
+        if self.after is None:
+            return list(self.base_lrs)
+        if not start:
+            for group, lr in zip(self.optimizer.param_groups, self.after.get_last_lr()):
+                group["lr"] = lr  # chainable schedulers step from the group's lr
+            self.after.step()
+        return list(self.after.get_last_lr())
+
+    def _set_lrs(self, lrs: list[float]) -> None:
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = list(lrs)
 
     def get_lr(self) -> list[float]:
         return [base * self.fraction for base in self.base_lrs]
 
-    def _follow_measurements(self) -> None:
-        """Move the fraction to ``margin`` of the edge seen in the records since the last step."""
+    def _follow_measurements(self, group_target: float) -> None:
+        """Move the fraction of ``group_target`` to ``margin`` of the edge seen since the last step."""
         records = [r for r in self.monitor.history if r["step"] > self.seen_step]
         events = [e for e in self.monitor.events if e.get("event") == "skipped" and e["step"] > self.seen_step]
         self.seen_step = self.monitor.step
-        group_target = self.base_lrs[self.monitor.group]
         for record in records:
             ratio = _certified_ratio(record, cheap_ok=not self.monitor.break_even.reached)
             if ratio is None:
                 continue
             edge = record["lr"] / ratio if ratio > 0 else math.inf
+            # The fraction of group_target at margin of the edge (any fraction of a zero lr is 0).
+            allowed = self.margin * edge / group_target if group_target > 0 else math.inf
             if "stability_ratio" not in record:  # the cheap signal: an upper bound on the edge
-                self.fraction = min(self.fraction, self.margin * edge / group_target)
+                self.fraction = min(self.fraction, allowed)
                 continue
             self.above_edge = self.above_edge + 1 if ratio >= 1 else 0
             if self.above_edge >= 2:
                 self._back_off(record["step"], "catapult does not resolve")
                 continue
             self.edge_lr = edge
-            self.fraction = min(1.0, self.margin * edge / group_target)
+            self.fraction = min(1.0, allowed)
         if events:
             self._back_off(events[-1]["step"], events[-1].get("reason", "skipped measurement"))
 
@@ -178,19 +202,17 @@ class BreakEvenWarmup(LRScheduler):
         return any(r["step"] > result.detected_at and 0 <= r.get("stability_ratio", math.inf) < 1
                    for r in self.monitor.history)
 
-    def _hand_over(self, reason: str, scale: float = 1.0) -> None:
+    def _hand_over(self, reason: str, scale: float = 1.0, event: str = "warmup_handoff") -> None:
+        """``after`` runs free from here, its rates scaled by ``scale`` (the cap in force)."""
         self.phase = "after"
         if self.after is not None:
-            # ``after``'s own start (its epoch 0), at the rate reached when scale < 1.
             self.after.base_lrs = [base * scale for base in self.after.base_lrs]
             lrs = [lr * scale for lr in self.after.get_last_lr()]
             self.after._last_lr = list(lrs)
         else:
             lrs = [base * scale for base in self.base_lrs]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        self._last_lr = list(lrs)
-        self.monitor.log_event({"event": "warmup_handoff", "step": self.monitor.step, "reason": reason,
+        self._set_lrs(lrs)
+        self.monitor.log_event({"event": event, "step": self.monitor.step, "reason": reason,
                                 "fraction": self.fraction, "lr": lrs[self.monitor.group]})
 
     # ------------------------------------------------------------------ checkpointing
