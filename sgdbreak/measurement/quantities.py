@@ -189,7 +189,52 @@ def _subset(probe: Probe, examples: int, seed: int) -> Tensor:
 # --------------------------------------------------------------------------- curvature
 
 
-class Sharpness:
+class _WarmLanczos:
+    """Top-k eigenvalues by Lanczos warm-started from the previous solve's Ritz vectors.
+
+    Shared by :class:`Sharpness` (the Hessian) and :class:`PreconditionedSharpness`
+    (P^{-1/2}HP^{-1/2}): settings, the warm-start block in ``state_dict`` (its width
+    checked on load) and the solve itself.
+    """
+
+    uses_hessian = True
+
+    def __init__(self, k: int, tol: float, max_hvps: int, cold_restart_every: int | None):
+        owner = type(self).__name__
+        self.k = V.integer(f"{owner}: k", k, 1)
+        self.tol = V.real(f"{owner}: tol", tol, positive=True)
+        self.max_hvps = V.integer(f"{owner}: max_hvps", max_hvps, 1)
+        self.cold_restart_every = V.optional_integer(f"{owner}: cold_restart_every", cold_restart_every, 1)
+        self.warm_vectors: Tensor | None = None
+        self.num_solves = 0
+
+    def setup(self, probe: Probe, seed: int) -> None:
+        self._probe = probe
+
+    def _solve(self, matvec: Any, ctx: MeasurementContext) -> Any:
+        op = ctx.hessian_operator()
+        cold = self.cold_restart_every is not None and self.num_solves % self.cold_restart_every == 0
+        res = eigenvalues_of_operator(
+            matvec, op.dim, self.k, tol=self.tol, max_hvps=self.max_hvps,
+            warm_start=None if cold else self.warm_vectors, generator=ctx.generator,
+            dtype=op.dtype, device=op.device,
+        )
+        self.num_solves += 1
+        self.warm_vectors = res.start_vectors.detach().clone()
+        return res
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"warm_vectors": self.warm_vectors, "num_solves": self.num_solves}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.warm_vectors = _warm_vectors(type(self).__name__, state, self._probe)
+        self.num_solves = int(state["num_solves"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(k={self.k}, tol={self.tol}, max_hvps={self.max_hvps})"
+
+
+class Sharpness(_WarmLanczos):
     """λ1^H (``lambda1_H``, ``eig_H_1..k``, ``top5_sum_H`` for k >= 5) and, under SGD, ``stability_ratio``.
 
     Warm-started Lanczos on the probe's Hessian: the previous solve's Ritz vectors start the
@@ -205,30 +250,13 @@ class Sharpness:
     """
 
     name = "sharpness"
-    uses_hessian = True
 
     def __init__(self, k: int = 1, *, tol: float = 1e-3, max_hvps: int = 30,
                  cold_restart_every: int | None = None):
-        self.k = V.integer("Sharpness: k", k, 1)
-        self.tol = V.real("Sharpness: tol", tol, positive=True)
-        self.max_hvps = V.integer("Sharpness: max_hvps", max_hvps, 1)
-        self.cold_restart_every = V.optional_integer("Sharpness: cold_restart_every", cold_restart_every)
-        self.warm_vectors: Tensor | None = None
-        self.num_solves = 0
-
-    def setup(self, probe: Probe, seed: int) -> None:
-        self._probe = probe
+        super().__init__(k, tol, max_hvps, cold_restart_every)
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
-        op = ctx.hessian_operator()
-        cold = self.cold_restart_every is not None and self.num_solves % self.cold_restart_every == 0
-        res = eigenvalues_of_operator(
-            op, op.dim, self.k, tol=self.tol, max_hvps=self.max_hvps,
-            warm_start=None if cold else self.warm_vectors, generator=ctx.generator,
-            dtype=op.dtype, device=op.device,
-        )
-        self.num_solves += 1
-        self.warm_vectors = res.start_vectors.detach().clone()
+        res = self._solve(ctx.hessian_operator(), ctx)
         ctx.top_eigenvector = self.warm_vectors[0]
         out = {"lambda1_H": float(res.eigenvalues[0]), "hessian_converged": float(res.converged)}
         for i, value in enumerate(res.eigenvalues.tolist()):
@@ -240,18 +268,8 @@ class Sharpness:
             out["stability_ratio"] = ratio
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"warm_vectors": self.warm_vectors, "num_solves": self.num_solves}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.warm_vectors = _warm_vectors("Sharpness", state, self._probe)
-        self.num_solves = int(state["num_solves"])
-
-    def __repr__(self) -> str:
-        return f"Sharpness(k={self.k}, tol={self.tol}, max_hvps={self.max_hvps})"
-
-
-class PreconditionedSharpness:
+class PreconditionedSharpness(_WarmLanczos):
     """Adam's preconditioned sharpness λ1(P⁻¹H) (``lambda1_PH``, ``eig_PH_1..k``) and ``stability_ratio``.
 
     Warm-started Lanczos on the symmetric P^{-1/2} H P^{-1/2} (similar to P⁻¹H: the same
@@ -280,20 +298,10 @@ class PreconditionedSharpness:
     """
 
     name = "preconditioned_sharpness"
-    uses_hessian = True
 
     def __init__(self, k: int = 1, *, tol: float = 1e-3, max_hvps: int = 30,
                  cold_restart_every: int | None = None):
-        self.k = V.integer("PreconditionedSharpness: k", k, 1)
-        self.tol = V.real("PreconditionedSharpness: tol", tol, positive=True)
-        self.max_hvps = V.integer("PreconditionedSharpness: max_hvps", max_hvps, 1)
-        self.cold_restart_every = V.optional_integer("PreconditionedSharpness: cold_restart_every",
-                                                     cold_restart_every, 1)
-        self.warm_vectors: Tensor | None = None
-        self.num_solves = 0
-
-    def setup(self, probe: Probe, seed: int) -> None:
-        self._probe = probe
+        super().__init__(k, tol, max_hvps, cold_restart_every)
 
     def bind(self, optimizer: torch.optim.Optimizer, group: int) -> None:
         """Refuse an optimizer that is not Adam, or groups of the probe with different β1."""
@@ -318,14 +326,7 @@ class PreconditionedSharpness:
         def matvec(v: Tensor) -> Tensor:
             return d * op(d * v) + shift * v
 
-        cold = self.cold_restart_every is not None and self.num_solves % self.cold_restart_every == 0
-        res = eigenvalues_of_operator(
-            matvec, op.dim, self.k, tol=self.tol, max_hvps=self.max_hvps,
-            warm_start=None if cold else self.warm_vectors, generator=ctx.generator,
-            dtype=op.dtype, device=op.device,
-        )
-        self.num_solves += 1
-        self.warm_vectors = res.start_vectors.detach().clone()
+        res = self._solve(matvec, ctx)
         out = {"lambda1_PH": float(res.eigenvalues[0]), "preconditioned_converged": float(res.converged)}
         for i, value in enumerate(res.eigenvalues.tolist()):
             out[f"eig_PH_{i + 1}"] = value
@@ -333,16 +334,6 @@ class PreconditionedSharpness:
         if ratio is not None:
             out["stability_ratio"] = ratio
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"warm_vectors": self.warm_vectors, "num_solves": self.num_solves}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.warm_vectors = _warm_vectors("PreconditionedSharpness", state, self._probe)
-        self.num_solves = int(state["num_solves"])
-
-    def __repr__(self) -> str:
-        return f"PreconditionedSharpness(k={self.k}, tol={self.tol}, max_hvps={self.max_hvps})"
 
 
 def _require_adam(rule: str | None, optimizer: Any) -> None:
