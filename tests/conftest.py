@@ -1,7 +1,9 @@
 """Shared test set-up: sgdbreak's Hypothesis profiles (no deadlines: torch calls are slow to warm up)."""
 
 import os
+import signal
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -18,3 +20,20 @@ settings.register_profile("ci", parent=settings.get_profile("default"), derandom
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def sigkill_when_ready():
+    """Kill a child with SIGKILL once it prints "ready" (a crash mid-write), and reap it."""
+
+    def kill(proc):
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.stdout.close()
+
+    return kill

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -177,7 +176,7 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_sigkill_while_logging_then_resume_gives_the_uninterrupted_run(tmp_path):
+def test_sigkill_while_logging_then_resume_gives_the_uninterrupted_run(tmp_path, sigkill_when_ready):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(
@@ -186,14 +185,7 @@ def test_sigkill_while_logging_then_resume_gives_the_uninterrupted_run(tmp_path)
         text=True,
         env=env,
     )
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
+    sigkill_when_ready(proc)
     killed = read_run(run_dir)
     assert not killed.complete
     last = max(r["step"] for r in killed.records)

@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -177,19 +176,12 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_run_log_survives_sigkill_and_integrations_load_lazily(tmp_path):
+def test_run_log_survives_sigkill_and_integrations_load_lazily(tmp_path, sigkill_when_ready):
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
     )
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
+    sigkill_when_ready(proc)
     run = read_run(tmp_path)
     assert run.config == {"lr": 0.1}
     assert run.summary is None

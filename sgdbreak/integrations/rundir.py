@@ -45,9 +45,6 @@ MEASUREMENTS_FILE = "measurements.jsonl"
 EVENTS_FILE = "events.jsonl"
 SUMMARY_FILE = "summary.json"
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(_to_jsonable(obj), allow_nan=False)
-
 
 def _replace_with(path: Path, write: Any, *, sync: bool = False) -> None:
     """Write ``path`` through ``write(file)`` on a temporary file and ``os.replace``.
