@@ -227,11 +227,19 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600 digits, 300 mnist)")
     parser.add_argument("--warmup-lengths", default=None, help="comma list (default steps/20, steps/5, steps/2)")
     parser.add_argument("--lrs", default=None, help="override the target grid (comma list)")
+    parser.add_argument("--methods", default="constant,linear,auto",
+                        help="which of constant,linear,auto to run (plain always runs with auto or constant)")
+    parser.add_argument("--reuse", default=None,
+                        help="a previous result JSON: its runs of the methods not run now are kept "
+                             "(same data, seeds and steps: those methods do not depend on sgdbreak's policy)")
     parser.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
     parser.add_argument("--output", default=str(RESULTS / "warmup.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
+    methods = set(args.methods.split(","))
+    if not methods <= {"constant", "linear", "auto"}:
+        parser.error(f"--methods: unknown {sorted(methods - {'constant', 'linear', 'auto'})}")
     results = []
     for dataset in args.datasets.split(","):
         steps = args.steps or (40 if args.quick else {"digits": 600, "mnist": 300}[dataset])
@@ -244,13 +252,20 @@ def main(argv=None) -> int:
             for target in grid:
                 for seed in seeds:
                     jobs = [("constant", None), ("auto", None)] + [("linear", w) for w in lengths]
-                    for method, warmup in jobs:
+                    for method, warmup in [job for job in jobs if job[0] in methods]:
                         r = run(dataset, kind, method, target, seed, steps, warmup)
                         results.append(r)
                         print(f"{dataset} {kind} lr={target:g} seed={seed} {method}{'' if warmup is None else warmup}: "
                               f"acc={r['test_accuracy']:.3f} div={r['diverged']} {r['seconds']:.1f}s", flush=True)
                     if seed == seeds[0]:
                         results.append(run(dataset, kind, "plain", target, seed, steps, measure=False))
+    if args.reuse:
+        kept = [r for r in json.loads(Path(args.reuse).read_text())["results"]
+                if r["method"] not in methods | {"plain"} and r["seed"] in seeds
+                and r["dataset"] in args.datasets.split(",") and r["optimizer"] in args.optimizers.split(",")
+                and (not args.lrs or r["target"] in {float(v) for v in args.lrs.split(",")})]
+        print(f"reused {len(kept)} runs of {sorted({r['method'] for r in kept})} from {args.reuse}")
+        results += kept
     rows = summarize(results)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -77,40 +77,54 @@ def train(model, opt, sched, x, y, steps, start=0, calls=1):
     return lrs
 
 
-def test_warmup_starts_at_margin_of_the_edge_and_never_exceeds_the_target():
+def test_warmup_starts_below_the_edge_and_rises_no_faster_than_tenfold_per_rise_steps():
     model, opt, x, y = monitored(lr=50.0)
     edge = suggest_lr(copy.deepcopy(model), nn.CrossEntropyLoss(), (x[:48], y[:48])).edge_lr
-    sched = BreakEvenWarmup(opt, margin=0.8)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.8 * edge, rel=1e-3)
+    sched = BreakEvenWarmup(opt, margin=0.8, rise_steps=5)
+    start_lr = opt.param_groups[0]["lr"]
+    assert start_lr == pytest.approx(min(0.1 * 50.0, 0.8 * edge), rel=1e-3)
     start = opt.monitor.events[0]
     assert start["event"] == "warmup_start" and start["target_lr"] == 50.0
     lrs = train(model, opt, sched, x, y, 20)
     assert max(lrs) <= 50.0
-    # Until the hand-off every lr is margin times the edge of the latest certified record.
     handoff = next((e for e in opt.monitor.events if e["event"] == "warmup_handoff"), None)
     end = handoff["step"] if handoff else 20
+    growth = 10 ** (1 / 5)
+    for previous, lr in zip([start_lr] + lrs[:end - 1], lrs[:end]):
+        assert lr <= previous * growth * (1 + 1e-9)
+    # After every certified full measurement the rate is at most margin times its edge.
     for record in [r for r in opt.history if r["step"] < end and "stability_ratio" in r]:
         next_lr = lrs[record["step"] - 1]  # set by sched.step() after that optimizer step
-        edge = record["lr"] / record["stability_ratio"]
-        assert next_lr == pytest.approx(min(50.0, 0.8 * edge)) or record["stability_ratio"] >= 1
+        assert next_lr <= 0.8 * record["lr"] / record["stability_ratio"] * (1 + 1e-9)
+    assert max(lrs[:end]) > start_lr  # it does rise as the edge allows
     if handoff:  # the target is stable, or break-even passed: at most that rate from then on
         expected = 50.0 if handoff["reason"] == "target" else handoff["fraction"] * 50.0
         assert handoff["lr"] == pytest.approx(expected) and max(lrs[end - 1:]) <= handoff["lr"] * (1 + 1e-12)
 
 
-def test_a_reachable_target_hands_over_at_once_to_the_after_schedule():
+def test_a_reachable_target_is_reached_by_the_ramp_then_the_after_schedule_runs_from_its_start():
     model, opt, x, y = monitored(lr=1e-3)
     after = CosineAnnealingLR(opt, T_max=10)
-    sched = BreakEvenWarmup(opt, after=after)
-    assert sched.phase == "guarded" and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
-    lrs = train(model, opt, sched, x, y, 10)
+    sched = BreakEvenWarmup(opt, after=after, rise_steps=10)
+    assert sched.phase == "warmup" and opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+    lrs = train(model, opt, sched, x, y, 20)
+    assert lrs[:9] == pytest.approx([1e-4 * 10 ** (t / 10) for t in range(1, 10)])
+    handoff = [e for e in opt.monitor.events if e["event"] == "warmup_handoff"]
+    assert handoff and handoff[0]["reason"] == "target" and handoff[0]["step"] in (10, 11)
+    end = handoff[0]["step"]
     reference = CosineAnnealingLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3), T_max=10)
-    expected = []
-    for _ in range(10):
+    expected = [1e-3]
+    for _ in range(20 - end):
         reference.optimizer.step()
         reference.step()
         expected.append(reference.get_last_lr()[0])
-    assert lrs == pytest.approx(expected)
+    assert lrs[end - 1:] == pytest.approx(expected)
+
+
+def test_start_fraction_one_starts_at_the_target_when_it_is_below_the_edge():
+    model, opt, x, y = monitored(lr=1e-3)
+    sched = BreakEvenWarmup(opt, after=StepLR(opt, 100), start_fraction=1.0)
+    assert sched.phase == "guarded" and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert [e["event"] for e in opt.monitor.events][:2] == ["warmup_start", "warmup_handoff"]
 
 
@@ -120,13 +134,44 @@ def test_hand_over_when_the_edge_allows_the_target():
     edge = suggest_lr(copy.deepcopy(model), nn.CrossEntropyLoss(), (x[:48], y[:48])).edge_lr
     for group in opt.param_groups:
         group["lr"] = 1.02 * edge
-    sched = BreakEvenWarmup(opt, after=StepLR(opt, 100), margin=0.99)
+    sched = BreakEvenWarmup(opt, after=StepLR(opt, 100), margin=0.99, start_fraction=1.0, rise_steps=1)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.99 * edge, rel=1e-3)
     lrs = train(model, opt, sched, x, y, 60)
     handoff = [e for e in opt.monitor.events if e["event"] == "warmup_handoff"]
     assert handoff, "a target just above the edge is reached, or break-even passes"
     assert handoff[0]["lr"] <= 1.02 * edge * (1 + 1e-9) and lrs[-1] <= handoff[0]["lr"] * (1 + 1e-12)
     assert all(lr <= 1.02 * edge * (1 + 1e-9) for lr in lrs)
+
+
+def fit_other_labels(loss_rise=2.0, steps=60):
+    """Training the probe's inputs towards other labels: the probe loss rises below the edge."""
+    x, y = data()
+    model = mlp()
+    probe = Probe(model, nn.CrossEntropyLoss(), (x[:48], y[:48]))
+    opt = BreakEvenSGD(model.parameters(), lr=2.0, probe=probe, measure_every=2, cheap_every=None)
+    sched = BreakEvenWarmup(opt, rise_steps=10, loss_rise=loss_rise)
+    lrs = []
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x[:48]), (y[:48] + 1) % 3).backward()
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    return opt, sched, lrs
+
+
+def test_a_rising_probe_loss_backs_off_and_caps_the_rate():
+    opt, sched, lrs = fit_other_labels()
+    backoffs = [e for e in opt.monitor.events if e["event"] == "warmup_backoff"]
+    assert backoffs and backoffs[0]["reason"] == "the probe loss keeps rising"
+    step, ceiling = backoffs[0]["step"], backoffs[0]["fraction"] * 2.0
+    assert max(lrs[step - 1:]) <= ceiling * (1 + 1e-9) < lrs[step - 2]
+    assert sched.limit == pytest.approx(backoffs[0]["fraction"])
+
+
+def test_without_the_loss_guard_a_rising_loss_is_not_acted_on():
+    opt, _, _ = fit_other_labels(loss_rise=None)
+    assert not any(e.get("reason") == "the probe loss keeps rising" for e in opt.monitor.events)
 
 
 def test_repeated_step_calls_advance_once_per_optimizer_step():
@@ -172,7 +217,9 @@ def test_non_finite_loss_backs_off():
         warnings.simplefilter("ignore")
         train(model, opt, sched, x, y, 2, start=2)
     backoffs = [e for e in opt.monitor.events if e["event"] == "warmup_backoff"]
-    assert backoffs and sched.fraction == pytest.approx(before * 0.5)
+    # Halved (after at most the two steps' rise), then rising again no faster than the ramp.
+    assert backoffs and before * 0.5 <= backoffs[0]["fraction"] <= before * 0.5 * sched.growth ** 2
+    assert sched.fraction <= backoffs[0]["fraction"] * sched.growth ** 2 * (1 + 1e-9)
 
 
 def test_works_with_an_attached_monitor_and_any_torch_scheduler():
@@ -202,7 +249,9 @@ class TestBadInput:
         with pytest.raises(ValueError, match="another optimizer"):
             BreakEvenWarmup(opt, after=StepLR(other, 5))
 
-    @pytest.mark.parametrize("kwargs", [dict(margin=0.0), dict(margin=1.5), dict(backoff=1.0)])
+    @pytest.mark.parametrize("kwargs", [dict(margin=0.0), dict(margin=1.5), dict(backoff=1.0),
+                                        dict(start_fraction=0.0), dict(start_fraction=2.0),
+                                        dict(rise_steps=0), dict(loss_rise=1.0), dict(loss_rise=math.nan)])
     def test_margin_and_backoff(self, kwargs):
         model, opt, _, _ = monitored()
         with pytest.raises(ValueError):

@@ -303,7 +303,7 @@ def plot_learning_rate(
 
     The edge comes from every record with a converged ``stability_ratio`` (threshold/λ1^H
     for SGD, the preconditioned λ1^PH for Adam); a run driven by
-    :class:`~sgdbreak.BreakEvenWarmup` rides just below it until its hand-off, marked with
+    :class:`~sgdbreak.BreakEvenWarmup` stays below it until its hand-off, marked with
     break-even. Log scale.
 
     Raises:

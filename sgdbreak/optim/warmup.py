@@ -1,18 +1,18 @@
-"""``BreakEvenWarmup``: an early-phase learning rate that rides just below the edge of stability.
+"""``BreakEvenWarmup``: an early-phase learning rate that rises as fast as stability allows.
 
 Warmup works by letting the sharpness fall until a large target learning rate is stable
 (Gilmer et al. 2022; Kalra & Barkeshli 2024); the break-even paper says the learning rate
 used before break-even decides the curvature and noise of the rest of training. This
-scheduler turns that into a policy with nothing to tune: the learning rate in the
-parameter groups is the *target*; until the target is reached or break-even has passed,
-the scheduler sets
+scheduler turns that into a policy with nothing to tune per target: the learning rate in
+the parameter groups is the *target*; until the target is reached or break-even has
+passed, the scheduler sets
 
-    η_t = min(target, margin · η_edge),   η_edge = lr / stability_ratio of the latest
-                                          certified measurement,
+    η_t = min(target, margin · η_edge, η_{t-1} · 10^(1/rise_steps), limit),
 
-so training stays just below the edge while the sharpness falls, and the rate climbs to
-the target as fast as stability allows. Then it hands over to ``after`` (any torch
-scheduler), which runs from its own start.
+where η_edge = lr / stability_ratio of the latest certified measurement: training stays
+below the edge, and the rate never rises faster than tenfold per ``rise_steps`` steps,
+because an edge measured now does not foresee the sharpening of the next steps. Then it
+hands over to ``after`` (any torch scheduler), which runs from its own start.
 """
 
 from __future__ import annotations
@@ -33,29 +33,32 @@ __all__ = ["BreakEvenWarmup"]
 
 
 class BreakEvenWarmup(LRScheduler):
-    """Learning rate at ``margin`` of the edge of stability until the target, then ``after``.
+    """Learning rate below ``margin`` of the edge, rising at most tenfold per ``rise_steps``.
 
     Constructing it measures the edge at the initial weights (one Lanczos solve, nothing
-    recorded) and sets every group's lr to ``min(target, margin · η_edge)`` scaled per group
+    recorded) and sets every group's lr to ``min(start_fraction · target, margin · η_edge)``
     (all groups get the same fraction of their target). After each optimizer step it reads
-    the records the monitor took since the last step:
+    the records the monitor took since the last step and moves the rate:
 
-    * a full measurement with a converged ``stability_ratio`` r at lr η gives η_edge = η/r,
-      and the fraction becomes ``margin · η_edge / target`` (up or down);
-    * between full measurements the cheap signal's ``stability_ratio_update`` can only
-      *lower* it (before break-even): the curvature along the update is at most λ1^H, so
-      its edge is an upper bound;
+    * a full measurement with a converged ``stability_ratio`` r at lr η sets the edge to
+      η/r; between full measurements the cheap signal's ``stability_ratio_update`` can only
+      *lower* it (before break-even): the curvature along the update is at most λ1^H;
+    * the rate rises towards ``margin`` of the edge by at most 10^(1/rise_steps) per step
+      (the first measured edge, at initialization, says nothing of the progressive
+      sharpening to come: measured on MNIST, jumping to a target 20× below it diverged);
     * two full measurements in a row above the edge (a catapult that does not resolve) or
-      a skipped measurement (a non-finite loss) multiply the fraction by ``backoff``.
+      a skipped measurement (a non-finite loss) multiply the rate by ``backoff``;
+    * two full measurements in a row whose probe loss exceeds ``loss_rise`` × the lowest
+      one seen multiply it by ``backoff`` and make the result a ceiling: a small batch can
+      make training unstable below the full-batch edge, and the loss shows it.
 
-    When the fraction reaches 1 (the target is stable) ``after`` starts, from its own start
-    (without ``after`` the lr is the target), but until break-even has passed the edge
-    still caps it: the lr is ``after``'s times ``min(1, margin · η_edge / after's lr)``, so
-    progressive sharpening after a transient drop of the sharpness (a catapult) cannot
-    push the run over the edge. When break-even has been detected and a later full
-    measurement is back below the edge, the cap in force is frozen into ``after``'s base
-    learning rates and ``after`` runs free; a target above the edge is never forced on
-    the run (event ``warmup_release``). Phase changes are events of
+    When the target is reached ``after`` starts, from its own start (without ``after`` the
+    lr is the target), but until break-even has passed the same rules cap it: the lr is
+    ``after``'s times a fraction ≤ 1, so progressive sharpening after a transient drop of
+    the sharpness (a catapult) cannot push the run over the edge. When break-even has been
+    detected and a later full measurement is back below the edge, the cap in force is
+    frozen into ``after``'s base learning rates and ``after`` runs free; a target above the
+    edge is never forced on the run (event ``warmup_release``). Phase changes are events of
     the monitor (``warmup_start``, ``warmup_backoff``, ``warmup_handoff``); the lr in force
     is in every record.
 
@@ -66,9 +69,13 @@ class BreakEvenWarmup(LRScheduler):
         optimizer: a monitored optimizer (``BreakEvenSGD``, ``BreakEvenAdam(W)``, one with an
             attached monitor via ``monitor=``, or any of them wrapped by Accelerate).
         after: the scheduler to hand over to, built on the same optimizer, or None.
-        margin: fraction of the edge to ride at, in (0, 1].
-        backoff: factor applied on a non-finite loss or an unresolved catapult, in (0, 1).
+        margin: fraction of the edge to stay below, in (0, 1].
+        backoff: factor applied on a non-finite loss, an unresolved catapult or a rising
+            loss, in (0, 1).
         monitor: the run's monitor (default: the one behind ``optimizer``).
+        start_fraction: the starting rate as a fraction of the target at most, in (0, 1].
+        rise_steps: the fewest steps in which the rate may rise tenfold (≥ 1).
+        loss_rise: the probe-loss factor that counts as rising (> 1), or None for no loss guard.
         tol, max_hvps: accuracy and budget of the initial edge measurement.
 
     Example:
@@ -85,6 +92,9 @@ class BreakEvenWarmup(LRScheduler):
         margin: float = 0.9,
         backoff: float = 0.5,
         monitor: BreakEvenMonitor | None = None,
+        start_fraction: float = 0.1,
+        rise_steps: int = 100,
+        loss_rise: float | None = 2.0,
         tol: float = 1e-3,
         max_hvps: int = 60,
     ) -> None:
@@ -92,6 +102,14 @@ class BreakEvenWarmup(LRScheduler):
         self.backoff = V.real("backoff", backoff, positive=True)
         if self.margin > 1 or self.backoff >= 1:
             raise ValueError(f"margin must be in (0, 1] and backoff in (0, 1), got {margin!r}, {backoff!r}")
+        self.start_fraction = V.real("start_fraction", start_fraction, positive=True)
+        if self.start_fraction > 1:
+            raise ValueError(f"start_fraction must be in (0, 1], got {start_fraction!r}")
+        self.rise_steps = V.integer("rise_steps", rise_steps, 1)
+        self.growth = 10.0 ** (1.0 / self.rise_steps)  # the most the lr may rise in one step
+        if loss_rise is not None and not (math.isfinite(loss_rise) and loss_rise > 1):
+            raise ValueError(f"loss_rise must be > 1 or None, got {loss_rise!r}")
+        self.loss_rise = loss_rise
         if monitor is not None and not isinstance(monitor, BreakEvenMonitor):
             raise TypeError(f"monitor must be a BreakEvenMonitor, got {type(monitor).__name__}")
         self.monitor = monitor if monitor is not None else find_monitor(optimizer)
@@ -107,11 +125,14 @@ class BreakEvenWarmup(LRScheduler):
             raise ValueError(f"target learning rates must be > 0 (the lr in the param groups), got {targets}")
         group = self.monitor.group
         start = edge_learning_rate(self.monitor, margin=self.margin, tol=tol, max_hvps=max_hvps)
-        self.fraction = min(1.0, start.lr / targets[group])
-        self.edge_lr = start.edge_lr
+        self.edge_lr = start.edge_lr  # the edge the lr is capped by (margin of it)
+        self.fraction = min(self.start_fraction, start.lr / targets[group])
         self.phase = "warmup"
         self.seen_step = self.monitor.step  # records up to here are not the warmup's
         self.above_edge = 0  # full measurements in a row with stability_ratio >= 1
+        self.lowest_loss = math.inf  # the probe loss the loss guard compares with
+        self.loss_high = 0  # full measurements in a row with the loss above loss_rise × lowest_loss
+        self.limit = 1.0  # a fraction the rate may not climb above again (set by the loss guard)
         self.monitor_step: int | None = None
         self.monitor.log_event({"event": "warmup_start", "step": self.monitor.step, "edge_lr": start.edge_lr,
                                 start.sharpness_key: start.sharpness, "lr": self.fraction * targets[group],
@@ -125,18 +146,21 @@ class BreakEvenWarmup(LRScheduler):
             raise ValueError("BreakEvenWarmup follows the optimizer's steps; step(epoch) is not supported")
         if self.monitor_step is not None and self.monitor.step == self.monitor_step:
             return
+        steps = 0 if self.monitor_step is None else self.monitor.step - self.monitor_step
         self.monitor_step = self.monitor.step
         if self.phase == "after":
             self._last_lr = self._advance_after()
             return
         if self.phase == "guarded":  # ``after`` runs, capped by the edge until break-even
             uncapped = self._advance_after()
-            self._follow_measurements(uncapped[self.monitor.group])
+            self._follow_measurements()
+            self._rise(uncapped[self.monitor.group], steps)
             self._set_lrs([lr * self.fraction for lr in uncapped])
             if self._break_even_settled():
                 self._hand_over("break_even", scale=self.fraction, event="warmup_release")
             return
-        self._follow_measurements(self.base_lrs[self.monitor.group])
+        self._follow_measurements()
+        self._rise(self.base_lrs[self.monitor.group], steps)
         super().step()
         if self.fraction >= 1.0:
             self.phase = "guarded"
@@ -145,6 +169,13 @@ class BreakEvenWarmup(LRScheduler):
                                     "fraction": 1.0, "lr": self._last_lr[self.monitor.group]})
         elif self._break_even_settled():
             self._hand_over("break_even", scale=self.fraction)
+
+    def _rise(self, group_target: float, steps: int) -> None:
+        """Raise the fraction towards ``margin`` of the edge, at most tenfold per ``rise_steps``."""
+        cap = self.margin * self.edge_lr / group_target if group_target > 0 else math.inf
+        cap = min(cap, self.limit)
+        growth = self.growth ** steps if steps > 0 else 1.0
+        self.fraction = min(1.0, cap, self.fraction * growth)
 
     def _advance_after(self, *, start: bool = False) -> list[float]:
         """``after``'s own (uncapped) learning rates, one step on (its start when ``start``)."""
@@ -164,8 +195,8 @@ class BreakEvenWarmup(LRScheduler):
     def get_lr(self) -> list[float]:
         return [base * self.fraction for base in self.base_lrs]
 
-    def _follow_measurements(self, group_target: float) -> None:
-        """Move the fraction of ``group_target`` to ``margin`` of the edge seen since the last step."""
+    def _follow_measurements(self) -> None:
+        """Move the edge to the certified measurements seen since the last step; back off on trouble."""
         records = [r for r in self.monitor.history if r["step"] > self.seen_step]
         events = [e for e in self.monitor.events if e.get("event") == "skipped" and e["step"] > self.seen_step]
         self.seen_step = self.monitor.step
@@ -174,19 +205,33 @@ class BreakEvenWarmup(LRScheduler):
             if ratio is None:
                 continue
             edge = record["lr"] / ratio if ratio > 0 else math.inf
-            # The fraction of group_target at margin of the edge (any fraction of a zero lr is 0).
-            allowed = self.margin * edge / group_target if group_target > 0 else math.inf
             if "stability_ratio" not in record:  # the cheap signal: an upper bound on the edge
-                self.fraction = min(self.fraction, allowed)
+                self.edge_lr = min(self.edge_lr, edge)
                 continue
+            self.edge_lr = edge
             self.above_edge = self.above_edge + 1 if ratio >= 1 else 0
             if self.above_edge >= 2:
                 self._back_off(record["step"], "catapult does not resolve")
-                continue
-            self.edge_lr = edge
-            self.fraction = min(1.0, allowed)
+            elif self._loss_keeps_rising(record.get("loss")):
+                self._back_off(record["step"], "the probe loss keeps rising")
+                self.limit = self.fraction  # never climb back to a rate at which the loss rose
         if events:
             self._back_off(events[-1]["step"], events[-1].get("reason", "skipped measurement"))
+
+    def _loss_keeps_rising(self, loss: float | None) -> bool:
+        """Two full measurements in a row whose probe loss exceeds ``loss_rise`` × the lowest seen.
+
+        Stochastic instabilities can ruin training below the full-batch edge (a small batch,
+        saturating units); the probe loss is the sign of it that does not depend on λ1^H.
+        """
+        if self.loss_rise is None or loss is None or not math.isfinite(loss):
+            return False
+        self.loss_high = self.loss_high + 1 if loss > self.loss_rise * self.lowest_loss else 0
+        if self.loss_high >= 2:
+            self.lowest_loss, self.loss_high = loss, 0  # the new reference after backing off
+            return True
+        self.lowest_loss = min(self.lowest_loss, loss)
+        return False
 
     def _back_off(self, step: int, reason: str) -> None:
         self.fraction *= self.backoff
