@@ -7,11 +7,11 @@ scheduler turns that into a policy with nothing to tune per target: the learning
 the parameter groups is the *target*; until the target is reached or break-even has
 passed, the scheduler sets
 
-    η_t = min(target, margin · η_edge, η_{t-1} · 10^(1/rise_steps), limit),
+    η_t = min(target · ramp_t, margin · η_edge, limit),   ramp_t = min(1, start_fraction · 10^(t/rise_steps)),
 
 where η_edge = lr / stability_ratio of the latest certified measurement: training stays
-below the edge, and the rate never rises faster than tenfold per ``rise_steps`` steps,
-because an edge measured now does not foresee the sharpening of the next steps. Then it
+below the edge, and the rate never runs ahead of an exponential ramp, because an edge
+measured now does not foresee the sharpening of the next steps. Then it
 hands over to ``after`` (any torch scheduler), which runs from its own start.
 """
 
@@ -43,11 +43,13 @@ class BreakEvenWarmup(LRScheduler):
     * a full measurement with a converged ``stability_ratio`` r at lr η sets the edge to
       η/r; between full measurements the cheap signal's ``stability_ratio_update`` can only
       *lower* it (before break-even): the curvature along the update is at most λ1^H;
-    * the rate rises towards ``margin`` of the edge by at most 10^(1/rise_steps) per step
-      (the first measured edge, at initialization, says nothing of the progressive
-      sharpening to come: measured on MNIST, jumping to a target 20× below it diverged);
+    * the rate is at most a ramp that starts at ``start_fraction`` of the target and rises
+      tenfold per ``rise_steps`` steps (the edge measured at initialization says nothing
+      of the progressive sharpening to come: on MNIST, jumping to a target 40× below it
+      diverged), and at most ``margin`` of the edge;
     * two full measurements in a row above the edge (a catapult that does not resolve) or
-      a skipped measurement (a non-finite loss) multiply the rate by ``backoff``;
+      a skipped measurement (a non-finite loss) multiply the rate by ``backoff``, and the
+      ramp starts again from there;
     * two full measurements in a row whose probe loss exceeds ``loss_rise`` × the lowest
       one seen multiply it by ``backoff`` and make the result a ceiling: a small batch can
       make training unstable below the full-batch edge, and the loss shows it.
@@ -126,7 +128,8 @@ class BreakEvenWarmup(LRScheduler):
         group = self.monitor.group
         start = edge_learning_rate(self.monitor, margin=self.margin, tol=tol, max_hvps=max_hvps)
         self.edge_lr = start.edge_lr  # the edge the lr is capped by (margin of it)
-        self.fraction = min(self.start_fraction, start.lr / targets[group])
+        self.ramp = self.start_fraction  # how far time allows: tenfold per rise_steps, up to 1
+        self.fraction = min(self.ramp, start.lr / targets[group])
         self.phase = "warmup"
         self.seen_step = self.monitor.step  # records up to here are not the warmup's
         self.above_edge = 0  # full measurements in a row with stability_ratio >= 1
@@ -171,11 +174,10 @@ class BreakEvenWarmup(LRScheduler):
             self._hand_over("break_even", scale=self.fraction)
 
     def _rise(self, group_target: float, steps: int) -> None:
-        """Raise the fraction towards ``margin`` of the edge, at most tenfold per ``rise_steps``."""
-        cap = self.margin * self.edge_lr / group_target if group_target > 0 else math.inf
-        cap = min(cap, self.limit)
-        growth = self.growth ** steps if steps > 0 else 1.0
-        self.fraction = min(1.0, cap, self.fraction * growth)
+        """Advance the ramp; the fraction is the lowest of the ramp, ``margin`` of the edge and the limit."""
+        self.ramp = min(1.0, self.ramp * self.growth ** steps)
+        edge = self.margin * self.edge_lr / group_target if group_target > 0 else math.inf
+        self.fraction = min(self.ramp, edge, self.limit)
 
     def _advance_after(self, *, start: bool = False) -> list[float]:
         """``after``'s own (uncapped) learning rates, one step on (its start when ``start``)."""
@@ -235,6 +237,7 @@ class BreakEvenWarmup(LRScheduler):
 
     def _back_off(self, step: int, reason: str) -> None:
         self.fraction *= self.backoff
+        self.ramp = self.fraction  # the ramp starts again from the rate backed off to
         self.above_edge = 0
         self.monitor.log_event({"event": "warmup_backoff", "step": step, "reason": reason,
                                 "fraction": self.fraction})
