@@ -87,7 +87,7 @@ def make_trainer(tmp_path, callback, max_steps=6, seed=0):
     return trainer, recorder
 
 
-SETTINGS = dict(probe_size=16, measure_every=2, cheap_every=None, noise_samples=4, noise_batch_size=4,
+SETTINGS = dict(probe_size=16, measure_every=3, cheap_every=None, noise_samples=4, noise_batch_size=4,
                 max_hvps=12)
 
 
@@ -113,7 +113,7 @@ class AtFirstMeasurement:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
-    """Six Trainer steps with the callback (measuring at steps 2, 4, 6; checkpoints at 3, 6)."""
+    """Six Trainer steps with the callback (measuring and checkpointing at steps 3 and 6)."""
     out = tmp_path_factory.mktemp("hf_run")
     callback = BreakEvenTrainerCallback(detector=AtFirstMeasurement(), **SETTINGS)
     trainer, recorder = make_trainer(out, callback)
@@ -127,7 +127,7 @@ def test_callback_measures_the_trainers_adamw_and_logs_through_the_trainer(first
     # The Trainer's own AdamW, measured with Adam's preconditioned sharpness.
     assert isinstance(monitor.optimizer, torch.optim.AdamW)
     assert monitor.optimizer is trainer.optimizer.optimizer
-    assert [r["step"] for r in monitor.history] == [2, 4, 6]
+    assert [r["step"] for r in monitor.history] == [3, 6]
     for record in monitor.history:
         assert {"lambda1_H", "lambda1_PH", "stability_ratio", "lambda1_K"} <= set(record)
         # Adam's edge: the ratio is λ1_PH over (2 + 2β1)/(1 − β1)/lr, not SGD's.
@@ -138,12 +138,12 @@ def test_callback_measures_the_trainers_adamw_and_logs_through_the_trainer(first
     assert set(probe.data) == {"input_ids", "attention_mask", "labels"}
     # Every record reached the log history (at its step) and the other callbacks' on_log.
     logged = {e["step"]: e for e in trainer.state.log_history if "sgdbreak/lambda1_PH" in e}
-    assert sorted(logged) == [2, 4, 6]
+    assert sorted(logged) == [3, 6]
     for record in monitor.history:
         entry = logged[record["step"]]
         assert entry["sgdbreak/lambda1_PH"] == record["lambda1_PH"]
         assert entry["sgdbreak/loss"] == record["loss"] and "epoch" in entry
-    assert sum("sgdbreak/lambda1_H" in logs for logs in recorder.logs) == 3
+    assert sum("sgdbreak/lambda1_H" in logs for logs in recorder.logs) == 2
     assert any("loss" in e and "sgdbreak/loss" not in e for e in trainer.state.log_history)  # the Trainer's own
     # The monitor state is saved in each checkpoint.
     for step in (3, 6):
@@ -154,7 +154,7 @@ def test_callback_measures_the_trainers_adamw_and_logs_through_the_trainer(first
 def test_break_even_is_logged_as_an_event(first_run):
     _, trainer, recorder, callback = first_run
     events = [e for e in trainer.state.log_history if "sgdbreak/break_even_step" in e]
-    assert len(events) == 1 and events[0]["sgdbreak/break_even_step"] == 2.0 and events[0]["step"] == 2
+    assert len(events) == 1 and events[0]["sgdbreak/break_even_step"] == 3.0 and events[0]["step"] == 3
     assert sum("sgdbreak/break_even_step" in logs for logs in recorder.logs) == 1
     assert [e["event"] for e in callback.monitor.events] == ["break_even"]
 
@@ -165,10 +165,10 @@ def test_resumed_trainer_run_continues_the_monitor(first_run, tmp_path):
     resumed, _ = make_trainer(tmp_path, again)  # another output folder: found from train()'s argument
     resumed.train(resume_from_checkpoint=os.path.join(out, "checkpoint-3"))
     history = again.monitor.history
-    assert [r["step"] for r in history] == [2, 4, 6]
+    assert [r["step"] for r in history] == [3, 6]
     assert history[0] == first.monitor.history[0]  # loaded from checkpoint-3
-    assert again.monitor.break_even.reached and again.monitor.break_even.step == 2
-    # Steps 4 and 6 measured again after the resume, on the same weights as the first run.
+    assert again.monitor.break_even.reached and again.monitor.break_even.step == 3
+    # Step 6 measured again after the resume, on the same weights as the first run.
     for ours, theirs in zip(history[1:], first.monitor.history[1:], strict=True):
         assert ours["lambda1_H"] == pytest.approx(theirs["lambda1_H"], rel=1e-4)
 

@@ -211,13 +211,16 @@ class BreakEvenTrainerCallback(TrainerCallback):
         self._pending.append({"break_even": 1.0, "break_even_step": float(result.step)})
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._flush(state)
+        self._flush(state, control)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._flush(state)
+        self._flush(state, control)
 
-    def _flush(self, state) -> None:
+    def _flush(self, state, control) -> None:
+        """Hand the step's records to ``Trainer.log`` (which clears ``should_log``: kept as it was,
+        so the Trainer's own logging at this step still happens)."""
         pending, self._pending[:] = list(self._pending), []
+        should_log = control.should_log
         for record in pending:
             logs = {self.prefix + k: float(v) for k, v in record.items() if k != "step"}
             if self._trainer is not None:
@@ -227,6 +230,9 @@ class BreakEvenTrainerCallback(TrainerCallback):
                     "BreakEvenTrainerCallback is not called by a transformers.Trainer: records go "
                     "to state.log_history only, not to report_to integrations"))
                 state.log_history.append({**logs, "step": state.global_step})
+        control.should_log = should_log
+        if self._trainer is not None:
+            self._trainer.control.should_log = should_log
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
