@@ -382,3 +382,25 @@ def test_the_two_forms_cannot_be_mixed():
         Probe(model, data=batch, loss_fn="loss")
     with pytest.raises(TypeError, match="pair .*loss_fn=fn"):
         Probe(model, nn.CrossEntropyLoss(), batch)  # a dict batch needs loss_fn
+
+
+def test_the_probe_keeps_its_own_copy_of_the_data():
+    model, batch = TinyTextClassifier(), text_batch(6)
+    probe = Probe(model, data=batch, loss_fn=hf_loss)
+    before = probe.loss_value()
+    batch["labels"].add_(1).remainder_(CLASSES)  # the caller's tensors change; the probe does not
+    assert probe.loss_value() == before and probe.data["labels"] is not batch["labels"]
+
+
+def test_per_example_gradients_of_a_loss_vmap_cannot_batch_are_refused_clearly():
+    model = TwoInputNet()
+    a, b, y = two_input_data(6)
+
+    def loss(m, batch):  # .item(): data-dependent Python, as Hugging Face models have
+        weight = 1.0 if batch[2].max().item() >= 0 else 0.0
+        return weight * F.cross_entropy(m(batch[0], batch[1]), batch[2])
+
+    probe = Probe(model, data=(a, b, y), loss_fn=loss)
+    assert probe.gradient_samples(num_samples=2, batch_size=3).shape == (2, probe.dim)
+    with pytest.raises(ValueError, match="vmap can batch.*method='microbatch'"):
+        probe.gradient_samples(method="per_example")

@@ -7,8 +7,14 @@ import os
 import pytest
 import torch
 
-transformers = pytest.importorskip(
-    "transformers", reason="the [transformers] extra is not installed (pip install 'sgdbreak[transformers]')")
+from sgdbreak import Probe
+from sgdbreak.measurement.breakeven import BreakEvenResult
+
+try:
+    import transformers  # noqa: F401
+except ImportError:
+    pytest.skip("the [transformers] extra is not installed (pip install 'sgdbreak[transformers]')",
+                allow_module_level=True)
 
 from transformers import (  # noqa: E402
     BertConfig,
@@ -18,13 +24,11 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from sgdbreak import Probe  # noqa: E402
 from sgdbreak.integrations.transformers import (  # noqa: E402
     STATE_FILE,
     BreakEvenTrainerCallback,
     model_output_loss,
 )
-from sgdbreak.measurement.breakeven import BreakEvenResult  # noqa: E402
 
 VOCAB, CLASSES = 40, 3
 

@@ -426,7 +426,15 @@ def per_example_loss_gradients(
     for start in range(0, num, chunk_size):
         stop = min(num, start + chunk_size)
         part = slice(start, stop)
-        grads = per_example(diff, pytree.tree_map(lambda t, part=part: t[part], batch))
+        try:
+            grads = per_example(diff, pytree.tree_map(lambda t, part=part: t[part], batch))
+        except RuntimeError as err:
+            if "vmap" not in str(err):
+                raise
+            raise ValueError(
+                "per-example gradients need a loss that torch.func.vmap can batch, and this "
+                f"model's cannot ({str(err).splitlines()[0][:160]}…): use micro-batch gradient "
+                "samples (method='microbatch', the default)") from err
         rows = torch.cat([grads[k].reshape(stop - start, -1) for k in keys], dim=1)
         del grads
         if sketch is not None:

@@ -13,7 +13,8 @@ sharpness ``lambda1_PH`` and Adam's stability ratio as well as ``lambda1_H``); h
 record to ``Trainer.log`` (so it lands in ``trainer.state.log_history`` and every
 ``report_to`` integration, with keys prefixed ``sgdbreak/``); logs break-even as an event;
 and saves the monitor's state in each checkpoint folder (``sgdbreak_monitor.pt``), from which
-a resumed run continues. Needs ``pip install 'sgdbreak[transformers]'``.
+a resumed run continues. Needs ``pip install 'sgdbreak[transformers]'`` (without it the
+module imports, and building the callback raises an ``ImportError`` naming the extra).
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ import torch
 from torch import Tensor, nn
 
 try:
-    import transformers
     from transformers import TrainerCallback
-except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "sgdbreak.integrations.transformers needs Hugging Face transformers: "
-        "pip install 'sgdbreak[transformers]'") from err
+
+    _MISSING: ImportError | None = None
+except ImportError as err:  # the module still imports (docs, doctests); the callback refuses
+    TrainerCallback = object
+    _MISSING = err
 
 from .. import _validation as V
 from ..measurement.monitor import BreakEvenMonitor
@@ -76,13 +77,15 @@ def _find_trainer() -> tuple[Any | None, str | None]:
     history and the ``report_to`` integrations; the checkpoint is the resolved
     ``resume_from_checkpoint`` of the Trainer's training loop (a folder), if any.
     """
+    from transformers import Trainer
+
     frame = inspect.currentframe()
     trainer, checkpoint = None, None
     try:
         depth = 0
         while frame is not None and depth < 30:
             owner = frame.f_locals.get("self")
-            if isinstance(owner, transformers.Trainer):
+            if isinstance(owner, Trainer):
                 trainer = trainer or owner
                 resume = frame.f_locals.get("resume_from_checkpoint")
                 if checkpoint is None and isinstance(resume, (str, os.PathLike)):
@@ -135,6 +138,10 @@ class BreakEvenTrainerCallback(TrainerCallback):
         seed: int = 0,
         **monitor_settings: Any,
     ):
+        if _MISSING is not None:
+            raise ImportError(
+                "BreakEvenTrainerCallback needs Hugging Face transformers: "
+                "pip install 'sgdbreak[transformers]'") from _MISSING
         if probe is not None and not isinstance(probe, Probe):
             raise TypeError(f"probe must be a sgdbreak.Probe or None, got {type(probe).__name__}")
         if not callable(loss_fn):

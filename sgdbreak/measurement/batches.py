@@ -91,7 +91,7 @@ def num_examples(batch: Any, where: str = "the batch") -> int:
 
 
 def concat_batches(batches: list[Any]) -> tuple[Any, int]:
-    """One batch of all ``batches`` (same structure each), concatenated along dim 0, and its size."""
+    """One batch of all ``batches`` (same structure each), concatenated along dim 0 (a copy), and its size."""
     specs = []
     for i, b in enumerate(batches):
         num_examples(b, f"batch {i}")
@@ -101,15 +101,14 @@ def concat_batches(batches: list[Any]) -> tuple[Any, int]:
             raise ValueError(
                 f"batch {i} is structured as {describe(batches[i])} but batch 0 as "
                 f"{describe(batches[0])}: every batch needs the same keys and nesting")
-    if len(batches) == 1:
-        batch = batches[0]
-    else:
-        columns = zip(*(pytree.tree_leaves(b) for b in batches))
-        try:
-            leaves = [torch.cat(list(column)) for column in columns]
-        except RuntimeError as err:
-            raise ValueError(f"the batches cannot be concatenated along dim 0: {err}") from err
-        batch = pytree.tree_unflatten(leaves, specs[0])
+    # Concatenating copies even a single batch: the probe is fixed, whatever happens to the
+    # caller's tensors afterwards.
+    columns = zip(*(pytree.tree_leaves(b) for b in batches))
+    try:
+        leaves = [torch.cat(list(column)) for column in columns]
+    except RuntimeError as err:
+        raise ValueError(f"the batches cannot be concatenated along dim 0: {err}") from err
+    batch = pytree.tree_unflatten(leaves, specs[0])
     size = num_examples(batch)
     if size == 0:
         raise ValueError("data holds no examples")
