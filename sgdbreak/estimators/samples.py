@@ -392,6 +392,7 @@ def per_example_loss_gradients(
         )
 
     names_by_id = {id(p): n for n, p in model.named_parameters()}
+    chosen: list[tuple[str, Tensor]]
     if params is None:
         chosen = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not chosen:
@@ -444,4 +445,5 @@ def per_example_loss_gradients(
         if result is None:
             result = torch.empty(num, rows.shape[1], dtype=rows.dtype, device=rows.device)
         result[start:stop] = rows
+    assert result is not None  # num >= 1
     return result

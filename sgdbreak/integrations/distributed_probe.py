@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 import warnings
 from collections.abc import Callable
@@ -246,7 +247,7 @@ class DistributedProbe(Probe):
             with torch.enable_grad():
                 share = self.loss_of_indices(idx).reshape(())
             # The local share is not checked for finiteness here (the reduced loss is).
-            op = HessianOperator(lambda idx=idx: self.loss_of_indices(idx), self.params, loss=share)
+            op = HessianOperator(functools.partial(self.loss_of_indices, idx), self.params, loss=share)
             quotients.append(op.rayleigh_quotient(v))
         return self._comm.sum(torch.tensor(quotients, dtype=torch.float64, device=self.device)).cpu()
 

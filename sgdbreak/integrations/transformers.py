@@ -24,23 +24,24 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-
-try:
-    from transformers import TrainerCallback
-
-    _MISSING: ImportError | None = None
-except ImportError as err:  # the module still imports (docs, doctests); the callback refuses
-    TrainerCallback = object
-    _MISSING = err
 
 from .. import _validation as V
 from ..measurement.monitor import BreakEvenMonitor
 from ..measurement.probe import Probe
 from ..optim.wrappers import unwrap_optimizer
+
+_MISSING: ImportError | None = None
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
+else:
+    try:
+        from transformers import TrainerCallback
+    except ImportError as err:  # the module still imports (docs, doctests); the callback refuses
+        TrainerCallback, _MISSING = object, err
 
 __all__ = ["STATE_FILE", "BreakEvenTrainerCallback", "model_output_loss"]
 
@@ -169,7 +170,7 @@ class BreakEvenTrainerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None,
                        **kwargs):
         trainer, checkpoint = _find_trainer()
-        self._trainer = self._trainer or trainer
+        self._trainer = trainer or self._trainer
         if model is None or optimizer is None:
             raise RuntimeError("BreakEvenTrainerCallback needs the Trainer's model and optimizer at "
                                "on_train_begin (transformers >= 4.40)")
@@ -180,12 +181,12 @@ class BreakEvenTrainerCallback(TrainerCallback):
             return
         if self.probe is None:
             self.probe = self._build_probe(args, model, train_dataloader)
-        self.monitor = BreakEvenMonitor(self.probe, seed=self.seed, **self.monitor_settings)
-        self.monitor.attach(inner)
-        self.monitor.register_measurement_hook(self._pending.append)
-        self.monitor.register_break_even_hook(self._on_break_even)
+        monitor = self.monitor = BreakEvenMonitor(self.probe, seed=self.seed, **self.monitor_settings)
+        monitor.attach(inner)
+        monitor.register_measurement_hook(self._pending.append)
+        monitor.register_break_even_hook(self._on_break_even)
         if state.global_step > 0:
-            self._resume(args, state, checkpoint)
+            self._resume(monitor, args, state, checkpoint)
 
     def _build_probe(self, args, model: nn.Module, loader) -> Probe:
         """A fixed random subset of the training set, collated once by the Trainer's collator."""
@@ -250,23 +251,27 @@ class BreakEvenTrainerCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.monitor is None or not state.is_world_process_zero:
             return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
             torch.save(self.monitor.state_dict(), os.path.join(folder, STATE_FILE))
 
-    def _resume(self, args, state, checkpoint: str | None) -> None:
+    def _resume(self, monitor: BreakEvenMonitor, args, state, checkpoint: str | None) -> None:
         """Load the monitor state saved with the checkpoint the Trainer resumed from."""
-        candidates = [checkpoint, getattr(args, "resume_from_checkpoint", None),
-                      os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
-        candidates = [c for c in dict.fromkeys(candidates) if isinstance(c, str)]
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        found = [checkpoint, getattr(args, "resume_from_checkpoint", None),
+                 os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")]
+        candidates: list[str] = [c for c in dict.fromkeys(found) if isinstance(c, str)]
         for folder in candidates:
             path = os.path.join(folder, STATE_FILE)
             if os.path.isfile(path):
                 saved = torch.load(path, map_location="cpu", weights_only=True)
                 if int(saved["step"]) == state.global_step:
-                    self.monitor.load_state_dict(saved)
+                    monitor.load_state_dict(saved)
                     return
         self._warn_once("no-state", (
             f"resuming at step {state.global_step} without a saved monitor state (looked for "
             f"{STATE_FILE} in {candidates}): measurements restart from an empty history"))
-        self.monitor.step = state.global_step
+        monitor.step = state.global_step

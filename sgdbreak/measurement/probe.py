@@ -10,6 +10,7 @@ measuring leaves the model as it found it: module ``training`` flags and buffers
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -196,13 +197,19 @@ class Probe:
             [p for p in model.parameters() if p.requires_grad] if params is None else params
         )
         self.criterion = criterion
-        self.forward = (forward or call_model) if criterion is not None else None
-        self.batch_loss: Callable[[nn.Module, Any], Tensor] = (
-            loss_fn if loss_fn is not None else CriterionLoss(criterion, self.forward))
+        self.forward: Callable[[nn.Module, Any], Any] | None = None
+        self.batch_loss: Callable[[nn.Module, Any], Tensor]
         found = B.as_batches(data)
-        batch, _ = B.concat_batches(_pairs(found) if criterion is not None else found)
-        self.data = self._local_batch(batch)
-        self.inputs, self.targets = self.data if criterion is not None else (None, None)
+        if criterion is not None:
+            self.forward = fwd = forward or call_model
+            self.batch_loss = CriterionLoss(criterion, fwd)
+            found = _pairs(found)
+        elif loss_fn is not None:
+            self.batch_loss = loss_fn
+        batch, _ = B.concat_batches(found)
+        self.data: Any = self._local_batch(batch)
+        self.inputs: Any = self.data[0] if criterion is not None else None
+        self.targets: Any = self.data[1] if criterion is not None else None
         self.num_examples = B.num_examples(self.data)
         # Examples this process holds and evaluates (a DistributedProbe: its shard).
         self.local_num_examples = self.num_examples
@@ -371,6 +378,8 @@ class Probe:
         for idx in self.chunks():
             part = self._local_loss(idx) * (len(idx) / self.local_num_examples)
             total = part if total is None else total + part
+        if total is None:  # chunks() is never empty: the probe holds at least one example
+            raise RuntimeError("the probe holds no examples")
         return total
 
     def loss_value(self, indices: Tensor | None = None) -> float:
@@ -435,7 +444,7 @@ class Probe:
     def _group_rayleigh_quotients(self, v: Tensor, groups: list[Tensor]) -> Tensor:
         """vᵀH_g v for the mean loss of each group of probe indices (float64, CPU)."""
         return torch.tensor([
-            HessianOperator(lambda idx=idx: self.loss_of_indices(idx), self.params).rayleigh_quotient(v)
+            HessianOperator(functools.partial(self.loss_of_indices, idx), self.params).rayleigh_quotient(v)
             for idx in groups
         ], dtype=torch.float64)
 
@@ -445,7 +454,7 @@ class Probe:
         with self.measuring():
             total = torch.zeros(self.dim, dtype=self.params[0].dtype, device=self.device)
             for idx in self.chunks():
-                loss = evaluate_loss(lambda idx=idx: self.loss_of_indices(idx))
+                loss = evaluate_loss(functools.partial(self.loss_of_indices, idx))
                 grads = torch.autograd.grad(loss, self.params, allow_unused=True)
                 total += flatten(grads, self.params) * (len(idx) / self.num_examples)
         return self.reduce_mean(total) if self.reduce_mean is not None else total
