@@ -127,6 +127,10 @@ def test_split_probe_equals_single_process_on_the_union(ranks):
     for key in want:
         assert close(got["noise"][key], want[key]), key
     assert close(got["per_example"], probe.gradient_samples(method="per_example"))
+    # The general form (dict batch, loss_fn) splits and measures the same way.
+    assert close(got["dict_eig_H"], eig.eigenvalues)
+    assert close(got["dict_samples"], samples)
+    assert close(got["dict_per_example"], got["per_example"])
 
 
 @pytest.mark.distributed

@@ -8,6 +8,8 @@ consumes:
   train mode included; the covariance of the samples is ``K / M`` (pass ``scale=M``).
 * :func:`per_example_gradients`: exact per-example gradients with ``torch.func`` (``vmap``
   of ``grad``), which give ``K`` itself; undefined for train-mode BatchNorm.
+  :func:`per_example_loss_gradients` does the same for a ``loss_fn(model, batch)`` on a
+  batch of any structure of tensors.
 
 Neither touches ``p.grad``, the model's mode or its buffers.
 """
@@ -15,10 +17,12 @@ Neither touches ``p.grad``, the model's mode or its buffers.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils import _pytree as pytree
 
 from .. import _validation as V
 from ..errors import NonFiniteMeasurement
@@ -28,6 +32,7 @@ __all__ = [
     "full_gradient",
     "microbatch_gradients",
     "per_example_gradients",
+    "per_example_loss_gradients",
 ]
 
 
@@ -215,22 +220,34 @@ def microbatch_gradients(
     return out
 
 
-class _ForwardWrapper(nn.Module):
-    """Lets ``functional_call`` run a user-supplied ``forward(model, inputs)``."""
+class _LossModule(nn.Module):
+    """Lets ``functional_call`` run a user-supplied ``loss_fn(model, batch)`` with swapped parameters."""
 
-    def __init__(self, model: nn.Module, forward: Callable[[nn.Module, object], Tensor]):
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor]):
         super().__init__()
         self.model = model
-        self._forward = forward
+        self._loss_fn = loss_fn
 
-    def forward(self, inputs: object) -> Tensor:
-        return self._forward(self.model, inputs)
+    def forward(self, batch: Any) -> Tensor:
+        return self._loss_fn(self.model, batch)
 
 
 def _default_forward(model: nn.Module, inputs: object) -> Tensor:
     if isinstance(inputs, tuple | list):
         return model(*inputs)
     return model(inputs)
+
+
+class _CriterionOfForward:
+    """``criterion(forward(model, inputs), targets)`` on a batch ``(inputs, targets)``."""
+
+    def __init__(self, criterion: Callable[[Tensor, Tensor], Tensor],
+                 forward: Callable[[nn.Module, object], Tensor]):
+        self.criterion, self.forward = criterion, forward
+
+    def __call__(self, model: nn.Module, batch: tuple[Any, Tensor]) -> Tensor:
+        inputs, targets = batch
+        return self.criterion(self.forward(model, inputs), targets)
 
 
 def per_example_gradients(
@@ -250,7 +267,8 @@ def per_example_gradients(
     on a batch of one, so a mean-reduction criterion gives the example's own loss. Computed
     as ``vmap(grad(...))`` over chunks of ``chunk_size`` examples via ``functional_call``;
     buffers are passed through unchanged and the model's mode is not changed. Dropout in
-    train mode draws an independent mask per example (``randomness="different"``).
+    train mode draws an independent mask per example (``randomness="different"``). For
+    batches of another structure see :func:`per_example_loss_gradients`.
 
     Args:
         model: The module.
@@ -283,8 +301,73 @@ def per_example_gradients(
         >>> g.shape
         torch.Size([5, 8])
     """
+    batched = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+    if not batched or not all(isinstance(t, Tensor) for t in batched):
+        raise TypeError("inputs must be a tensor or a tuple of tensors (batch dimension first)")
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+    sizes = [t.shape[0] if t.dim() > 0 else -1 for t in (*batched, targets)]
+    if sizes[0] < 1 or any(s != sizes[0] for s in sizes):
+        raise ValueError(
+            f"inputs and targets must share a non-empty batch dimension, got sizes {sizes}"
+        )
+    loss_fn = _CriterionOfForward(criterion, forward if forward is not None else _default_forward)
+    return per_example_loss_gradients(
+        model, loss_fn, (batched if len(batched) > 1 else batched[0], targets),
+        params=params, chunk_size=chunk_size, sketch=sketch)
+
+
+def per_example_loss_gradients(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batch: Any,
+    *,
+    params: Iterable[Tensor] | None = None,
+    chunk_size: int = 64,
+    sketch: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Exact per-example gradients of ``loss_fn(model, batch)`` for a batch of any structure.
+
+    ``batch`` is tensors in tuples, lists and dicts (nested), every tensor holding the
+    examples along dim 0. Row ``i`` is the gradient of ``loss_fn(model, batch_i)`` with
+    ``batch_i`` the batch of the one example ``i`` (each tensor sliced to ``[i:i+1]``), so a
+    loss that is the mean over the batch gives example ``i``'s own loss. Computed as
+    ``vmap(grad(...))`` over chunks of ``chunk_size`` examples with ``functional_call``;
+    buffers pass through unchanged, the model's mode is not changed, and dropout draws an
+    independent mask per example.
+
+    Args:
+        model: The module ``loss_fn`` calls.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss, built from ``model``'s
+            parameters (called with the parameters swapped in by ``functional_call``).
+        batch: The examples (see above).
+        params: Parameters of ``model`` to differentiate (order of the columns); default all
+            parameters that require grad, in ``named_parameters()`` order.
+        chunk_size: Examples per ``vmap`` call (bounds memory).
+        sketch: Optional linear map ``(n, D) -> (n, m)`` applied to each chunk as soon as
+            it is computed.
+
+    Returns:
+        ``(N, D)`` tensor (``(N, m)`` with a sketch).
+
+    Raises:
+        ValueError: BatchNorm in train mode, tensors with different numbers of examples, or
+            params that are not the model's.
+        TypeError: a part of ``batch`` that is not a tensor.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(3, 2)
+        >>> batch = {"x": torch.randn(5, 3), "y": torch.tensor([0, 1, 0, 1, 1])}
+        >>> loss = lambda m, b: nn.functional.cross_entropy(m(b["x"]), b["y"])
+        >>> per_example_loss_gradients(net, loss, batch).shape
+        torch.Size([5, 8])
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
     chunk_size = V.integer("chunk_size", chunk_size, 1)
     for name, module in model.named_modules():
         if isinstance(module, _BatchNorm) and module.training:
@@ -293,19 +376,23 @@ def per_example_gradients(
                 f"'{name or type(module).__name__}' normalises with batch statistics, which "
                 f"mix examples); use microbatch_gradients, or put BatchNorm in eval mode"
             )
-    batched = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
-    if not batched or not all(isinstance(t, Tensor) for t in batched):
-        raise TypeError("inputs must be a tensor or a tuple of tensors (batch dimension first)")
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
-    num = batched[0].shape[0] if batched[0].dim() > 0 else -1
-    sizes = [t.shape[0] if t.dim() > 0 else -1 for t in (*batched, targets)]
+    leaves = pytree.tree_leaves(batch)
+    if not leaves:
+        raise TypeError(f"batch holds no tensors, got {type(batch).__name__}")
+    for leaf in leaves:
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"every part of batch must be a tensor (examples along dim 0), got "
+                            f"{type(leaf).__name__}")
+    sizes = [t.shape[0] if t.dim() > 0 else -1 for t in leaves]
+    num = sizes[0]
     if num < 1 or any(s != num for s in sizes):
         raise ValueError(
-            f"inputs and targets must share a non-empty batch dimension, got sizes {sizes}"
+            f"every tensor of batch must hold the same non-empty number of examples along "
+            f"dim 0, got sizes {sizes}"
         )
 
     names_by_id = {id(p): n for n, p in model.named_parameters()}
+    chosen: list[tuple[str, Tensor]]
     if params is None:
         chosen = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not chosen:
@@ -319,26 +406,36 @@ def per_example_gradients(
                 )
             chosen.append((names_by_id[id(p)], p))
 
-    module = _ForwardWrapper(model, forward if forward is not None else _default_forward)
+    module = _LossModule(model, loss_fn)
     diff = {"model." + n: p.detach() for n, p in chosen}
     fixed = {"model." + n: b for n, b in model.named_buffers()}
 
-    def loss_one(diff_params: dict[str, Tensor], x: tuple[Tensor, ...], y: Tensor) -> Tensor:
-        # One example, restored to a batch of one so the criterion's mean is its own loss.
-        x1 = tuple(t.unsqueeze(0) for t in x)
-        out = torch.func.functional_call(
-            module, {**fixed, **diff_params}, (x1 if len(x1) > 1 else x1[0],)
-        )
-        return criterion(out, y.unsqueeze(0))
+    def loss_one(diff_params: dict[str, Tensor], example: Any) -> Tensor:
+        # One example, restored to a batch of one so a mean loss is its own loss.
+        one = pytree.tree_map(lambda t: t.unsqueeze(0), example)
+        loss = torch.func.functional_call(module, {**fixed, **diff_params}, (one,))
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            what = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise TypeError(f"loss_fn must return a scalar loss, got {what}")
+        return loss.reshape(())
 
     per_example = torch.func.vmap(
-        torch.func.grad(loss_one), in_dims=(None, 0, 0), randomness="different"
+        torch.func.grad(loss_one), in_dims=(None, 0), randomness="different"
     )
     keys = list(diff)
     result: Tensor | None = None
     for start in range(0, num, chunk_size):
         stop = min(num, start + chunk_size)
-        grads = per_example(diff, tuple(t[start:stop] for t in batched), targets[start:stop])
+        part = slice(start, stop)
+        try:
+            grads = per_example(diff, pytree.tree_map(lambda t, part=part: t[part], batch))
+        except RuntimeError as err:
+            if "vmap" not in str(err):
+                raise
+            raise ValueError(
+                "per-example gradients need a loss that torch.func.vmap can batch, and this "
+                f"model's cannot ({str(err).splitlines()[0][:160]}…): use micro-batch gradient "
+                "samples (method='microbatch', the default)") from err
         rows = torch.cat([grads[k].reshape(stop - start, -1) for k in keys], dim=1)
         del grads
         if sketch is not None:
@@ -348,4 +445,5 @@ def per_example_gradients(
         if result is None:
             result = torch.empty(num, rows.shape[1], dtype=rows.dtype, device=rows.device)
         result[start:stop] = rows
+    assert result is not None  # num >= 1
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 import warnings
 from collections.abc import Callable
@@ -14,7 +15,8 @@ from .. import _validation as V
 from ..errors import NonFiniteMeasurement
 from ..estimators.hessian import HessianOperator, flatten
 from ..estimators.samples import draw_batches
-from ..measurement.probe import ChunkedHessianOperator, Probe, _collect
+from ..measurement import batches as B
+from ..measurement.probe import ChunkedHessianOperator, Probe
 from .collectives import CommunicationStats, _Collectives, _unwrap_model, check_world_size
 
 __all__ = ["DistributedProbe"]
@@ -39,14 +41,19 @@ class DistributedProbe(Probe):
       :class:`~sgdbreak.Probe` with that generator); see ``microbatches``.
 
     ``num_examples`` is the global ``N`` (what the monitor scales with);
-    ``local_num_examples``, ``inputs`` and ``targets`` are this process's shard.
+    ``local_num_examples`` and ``data`` (``inputs`` and ``targets`` in the short form) are
+    this process's shard.
 
     Args:
         model: the network, or its DDP / Accelerate-prepared wrapper (unwrapped here:
             the probe differentiates the module itself, outside DDP's hooks).
-        criterion: a mean-reduction loss, as for :class:`~sgdbreak.Probe`.
+        criterion: a mean-reduction loss (the short form, batches ``(inputs, targets)``),
+            as for :class:`~sgdbreak.Probe`.
         data: this process's shard (``split=False``) or the whole probe, identical on
-            every process (``split=True``).
+            every process (``split=True``): batches of any structure of tensors, split
+            along dim 0, as for :class:`~sgdbreak.Probe`.
+        loss_fn: (keyword, instead of ``criterion``) ``loss_fn(model, batch) -> scalar``
+            mean loss, as for :class:`~sgdbreak.Probe`.
         split: keep ``data[rank::P]`` of a global probe.
         uneven: what to do when shards differ in size (or ``N`` is not a multiple of
             ``P`` with ``split``): "error" (default) or "trim" (drop the excess
@@ -79,9 +86,10 @@ class DistributedProbe(Probe):
     def __init__(
         self,
         model: nn.Module,
-        criterion: Callable[[Tensor, Tensor], Tensor],
-        data,
+        criterion: Callable[[Any, Any], Tensor] | None = None,
+        data: Any = None,
         *,
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
         split: bool = False,
         uneven: str = "error",
         microbatches: str = "auto",
@@ -96,38 +104,42 @@ class DistributedProbe(Probe):
         model = _unwrap_model(model, accelerator)
         comm = _Collectives(process_group)
         check_world_size(accelerator=accelerator, process_group=process_group)
-        inputs, targets = _collect(data)
-        size, rank = comm.size, comm.rank
-        if split:
-            total = len(inputs)
-            if total < size:
-                raise ValueError(f"the probe has {total} examples, fewer than the {size} processes")
-            if total % size:
-                _uneven(uneven, f"the probe's {total} examples do not split evenly over {size} "
-                                f"processes", f"drop the last {total % size}")
-                total -= total % size
-            inputs, targets = inputs[rank:total:size], targets[rank:total:size]
-        else:
-            # Sizes travel on the parameters' device (NCCL needs CUDA tensors).
-            device = next(iter(model.parameters())).device
-            sizes = comm.gather(torch.tensor([len(inputs)], device=device), count=False).reshape(-1).tolist()
-            if len(set(sizes)) > 1:
-                smallest = min(sizes)
-                _uneven(uneven, f"probe shards differ in size across processes {sizes}",
-                        f"keep the first {smallest} examples of each")
-                inputs, targets = inputs[:smallest], targets[:smallest]
-        super().__init__(model, criterion, (inputs, targets), **probe_kwargs)
-        self.process_group = process_group
-        self.world_size, self.rank = size, rank
-        self.local_num_examples = len(self.inputs)
-        self.num_examples = self.local_num_examples * size
         self._comm = comm
-        self.reduce_mean = comm.mean if size > 1 else None
+        self.process_group = process_group
+        self.world_size, self.rank = comm.size, comm.rank
+        self._split, self._uneven = bool(split), uneven
+        # Probe.__init__ collects the data and asks _local_batch for this process's shard.
+        super().__init__(model, criterion, data, loss_fn=loss_fn, **probe_kwargs)
+        self.local_num_examples = B.num_examples(self.data)
+        self.num_examples = self.local_num_examples * self.world_size
+        self.reduce_mean = comm.mean if self.world_size > 1 else None
         if microbatches == "auto":
             microbatches = "local" if self.has_batchnorm and self.batchnorm == "train" else "global"
         self.microbatches = microbatches
         self.last_batches: Tensor | None = None
         self._warned: set[str] = set()
+
+    def _local_batch(self, batch: Any) -> Any:
+        """This process's shard: ``batch[rank::P]`` with ``split``, else ``batch`` (sizes checked)."""
+        size, rank = self.world_size, self.rank
+        total = B.num_examples(batch)
+        if self._split:
+            if total < size:
+                raise ValueError(f"the probe has {total} examples, fewer than the {size} processes")
+            if total % size:
+                _uneven(self._uneven, f"the probe's {total} examples do not split evenly over "
+                                      f"{size} processes", f"drop the last {total % size}")
+                total -= total % size
+            return B.select(batch, slice(rank, total, size))
+        # Sizes travel on the parameters' device (NCCL needs CUDA tensors).
+        sizes = self._comm.gather(torch.tensor([total], device=self.params[0].device),
+                                  count=False).reshape(-1).tolist()
+        if len(set(sizes)) > 1:
+            smallest = min(sizes)
+            _uneven(self._uneven, f"probe shards differ in size across processes {sizes}",
+                    f"keep the first {smallest} examples of each")
+            return B.select(batch, slice(0, smallest))
+        return batch
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -235,7 +247,7 @@ class DistributedProbe(Probe):
             with torch.enable_grad():
                 share = self.loss_of_indices(idx).reshape(())
             # The local share is not checked for finiteness here (the reduced loss is).
-            op = HessianOperator(lambda idx=idx: self.loss_of_indices(idx), self.params, loss=share)
+            op = HessianOperator(functools.partial(self.loss_of_indices, idx), self.params, loss=share)
             quotients.append(op.rayleigh_quotient(v))
         return self._comm.sum(torch.tensor(quotients, dtype=torch.float64, device=self.device)).cpu()
 

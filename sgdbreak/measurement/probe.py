@@ -10,6 +10,7 @@ measuring leaves the model as it found it: module ``training`` flags and buffers
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -30,8 +31,9 @@ from ..estimators.hessian import (
     unflatten,
 )
 from ..estimators.linalg import hutchinson_trace
+from . import batches as B
 
-__all__ = ["ChunkedHessianOperator", "Probe", "call_model"]
+__all__ = ["ChunkedHessianOperator", "CriterionLoss", "Probe", "call_model"]
 
 _BATCHNORM_MODES = ("train", "eval")
 
@@ -48,46 +50,85 @@ def call_model(model: nn.Module, inputs: Tensor) -> Tensor:
     return model(inputs)
 
 
+def _describe_part(part: Any) -> str:
+    """dtype and per-example shape of a tensor, or the structure of a nested part of a batch."""
+    if isinstance(part, Tensor):
+        return f"{part.dtype}, shape {tuple(part.shape[1:])} per example"
+    return B.describe(part)
+
+
+def _twice_differentiable_attention() -> contextlib.AbstractContextManager:
+    """Scaled dot-product attention by its math kernel, which autograd can differentiate twice."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no kernel choice
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def _rng_devices(params: list[Tensor]) -> list[int]:
     """CUDA devices whose generators a measurement must leave untouched."""
     return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
 
 
-def _collect(data) -> tuple[Tensor, Tensor]:
-    """Concatenate a batch ``(x, y)`` or an iterable of batches into two tensors."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        batches = [tuple(data)]
-    else:
-        try:
-            batches = [tuple(b) for b in data]
-        except TypeError:
-            raise TypeError(
-                "data must be a batch (inputs, targets), or a list / loader of such batches, "
-                f"got {type(data).__name__}"
-            ) from None
-    if not batches:
-        raise ValueError("data holds no batches")
+class CriterionLoss:
+    """The short form's ``loss_fn``: ``criterion(forward(model, inputs), targets)`` on ``(inputs, targets)``.
+
+    A class rather than a closure so that probes pickle.
+    """
+
+    def __init__(self, criterion: Callable[[Any, Any], Tensor],
+                 forward: Callable[[nn.Module, Any], Any] = call_model):
+        self.criterion = criterion
+        self.forward = forward
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        inputs, targets = batch
+        return self.criterion(self.forward(model, inputs), targets)
+
+    def __repr__(self) -> str:
+        return f"CriterionLoss({self.criterion!r})"
+
+
+def _pairs(batches: list[Any]) -> list[tuple[Any, Any]]:
+    """The short form's batches as ``(inputs, targets)`` tuples (a DataLoader yields lists)."""
+    out = []
     for i, b in enumerate(batches):
-        if len(b) != 2 or not all(isinstance(t, Tensor) for t in b):
-            raise TypeError(f"batch {i} must be a pair of tensors (inputs, targets)")
-        if len(b[0]) != len(b[1]):
-            raise ValueError(f"batch {i}: {len(b[0])} inputs but {len(b[1])} targets")
-    inputs = torch.cat([b[0] for b in batches])
-    targets = torch.cat([b[1] for b in batches])
-    if len(inputs) == 0:
-        raise ValueError("data holds no examples")
-    return inputs, targets
+        if not isinstance(b, (tuple, list)) or len(b) != 2:
+            raise TypeError(
+                f"batch {i} must be a pair (inputs, targets) with a criterion, got "
+                f"{type(b).__name__}{'' if not isinstance(b, (tuple, list)) else f' of {len(b)}'}; "
+                "for other batches pass Probe(model, data=..., loss_fn=fn) with "
+                "fn(model, batch) -> mean loss")
+        out.append(tuple(b))
+    return out
 
 
 class Probe:
     """A fixed measurement set and the loss closures built on it.
 
+    Two ways to say what the loss is. The general form, for batches of any structure:
+    ``Probe(model, data=batches, loss_fn=fn)`` with ``fn(model, batch) -> scalar``, the
+    mean loss over the examples of ``batch`` (a Hugging Face model: ``lambda m, b:
+    m(**b).loss``). The short form, for ``(inputs, targets)`` pairs:
+    ``Probe(model, criterion, data)``, which is the general form with
+    ``loss_fn = criterion(forward(model, inputs), targets)`` (:class:`CriterionLoss`).
+
     Args:
         model: the network being trained.
-        criterion: a loss with mean reduction, ``criterion(outputs, targets) -> scalar``
-            (e.g. ``nn.CrossEntropyLoss()``).
-        data: one batch ``(inputs, targets)`` or a list / DataLoader of batches; it is
-            materialised once (the probe is fixed).
+        criterion: (short form) a loss with mean reduction, ``criterion(outputs, targets)
+            -> scalar`` (e.g. ``nn.CrossEntropyLoss()``); data batches are then
+            ``(inputs, targets)`` pairs.
+        data: one batch or a list / DataLoader of batches; it is materialised once (the
+            probe is fixed). A batch is any structure of tensors (tuples, lists, dicts,
+            nested) whose tensors all hold the examples along dim 0; batches are
+            concatenated along dim 0 and split into chunks and micro-batches the same
+            way. A tensor, tuple, mapping or list of tensors is one batch; any other list
+            or iterable is a sequence of batches (see :mod:`sgdbreak.measurement.batches`).
+        loss_fn: (general form, keyword) ``loss_fn(model, batch) -> scalar``: the *mean*
+            loss over the batch's examples, with autograd (checked at construction by
+            evaluating a batch repeated twice). Every measurement calls it on sub-batches
+            of the probe: chunks, micro-batches, single examples for per-example gradients.
         chunk_size: examples per forward pass. The probe loss is the mean over all
             examples, evaluated chunk by chunk. In BatchNorm train mode each chunk
             normalises with its own batch statistics: set it to the training batch size
@@ -100,39 +141,76 @@ class Probe:
             (fast: each Hessian-vector product is one double-backward pass). With False,
             each product rebuilds one chunk's graph at a time: memory of one chunk,
             about twice the time.
-        forward: ``forward(model, inputs) -> outputs`` for models that do not take a
-            single tensor (default ``model(inputs)``).
+        forward: (short form) ``forward(model, inputs) -> outputs`` for models that do
+            not take a single tensor (default ``model(inputs)``).
         params: the parameters to measure (default: those of ``model`` requiring grad).
+
+    Attributes:
+        data: the probe's examples as one batch (the structure passed, concatenated).
+        batch_loss: the ``loss_fn(model, batch)`` every measurement evaluates.
+        inputs, targets, criterion, forward: the short form's (None in the general form).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
         >>> probe = Probe(model, nn.CrossEntropyLoss(), (torch.randn(32, 4), torch.randint(0, 3, (32,))))
         >>> probe.hessian_eigenvalues(k=1).eigenvalues.shape
         torch.Size([1])
+        >>> batch = {"x": torch.randn(32, 4), "y": torch.randint(0, 3, (32,))}
+        >>> probe = Probe(model, data=batch, loss_fn=lambda m, b: nn.functional.cross_entropy(m(b["x"]), b["y"]))
+        >>> probe.num_examples
+        32
     """
 
     def __init__(
         self,
         model: nn.Module,
-        criterion: Callable[[Tensor, Tensor], Tensor],
-        data,
+        criterion: Callable[[Any, Any], Tensor] | None = None,
+        data: Any = None,
         *,
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
         chunk_size: int | None = 256,
         batchnorm: str = "train",
         keep_graph: bool = True,
-        forward: Callable[[nn.Module, Tensor], Tensor] | None = None,
+        forward: Callable[[nn.Module, Any], Any] | None = None,
         params: Iterable[Tensor] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(criterion):
+        if (criterion is None) == (loss_fn is None):
+            raise TypeError(
+                "pass either a criterion (short form: Probe(model, criterion, (inputs, targets))) "
+                "or loss_fn= (Probe(model, data=batches, loss_fn=fn), fn(model, batch) -> mean "
+                "loss), " + ("not both" if criterion is not None else "got neither"))
+        if criterion is not None and not callable(criterion):
             raise TypeError(f"criterion must be callable, got {type(criterion).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+        if loss_fn is not None and forward is not None:
+            raise TypeError("forward= belongs to the short form (with a criterion); with loss_fn= "
+                            "call the model inside loss_fn")
+        if data is None:
+            raise TypeError("data is required: a batch or a list / DataLoader of batches")
         if batchnorm not in _BATCHNORM_MODES:
             raise ValueError(f"batchnorm must be one of {_BATCHNORM_MODES}, got {batchnorm!r}")
         self.model = model
+        self.params = check_params(
+            [p for p in model.parameters() if p.requires_grad] if params is None else params
+        )
         self.criterion = criterion
-        self.inputs, self.targets = _collect(data)
-        self.num_examples = len(self.inputs)
+        self.forward: Callable[[nn.Module, Any], Any] | None = None
+        self.batch_loss: Callable[[nn.Module, Any], Tensor]
+        found = B.as_batches(data)
+        if criterion is not None:
+            self.forward = fwd = forward or call_model
+            self.batch_loss = CriterionLoss(criterion, fwd)
+            found = _pairs(found)
+        elif loss_fn is not None:
+            self.batch_loss = loss_fn
+        batch, _ = B.concat_batches(found)
+        self.data: Any = self._local_batch(batch)
+        self.inputs: Any = self.data[0] if criterion is not None else None
+        self.targets: Any = self.data[1] if criterion is not None else None
+        self.num_examples = B.num_examples(self.data)
         # Examples this process holds and evaluates (a DistributedProbe: its shard).
         self.local_num_examples = self.num_examples
         if chunk_size is None:
@@ -142,10 +220,6 @@ class Probe:
         self.chunk_size = min(chunk_size, self.num_examples)
         self.batchnorm = batchnorm
         self.keep_graph = bool(keep_graph)
-        self.forward = forward or call_model
-        self.params = check_params(
-            [p for p in model.parameters() if p.requires_grad] if params is None else params
-        )
         self.dim = sum(p.numel() for p in self.params)
         self.has_batchnorm = any(_is_batchnorm(m) for m in model.modules())
         # Reduction across processes (set by DistributedProbe); identity here.
@@ -153,6 +227,10 @@ class Probe:
         self._check_loss_contract()
         self.single_example_batches = self._can_measure_one_example()
         self._check_chunks()
+
+    def _local_batch(self, batch: Any) -> Any:
+        """The examples this process holds (all of them here; a shard for DistributedProbe)."""
+        return batch
 
     # ------------------------------------------------------------------ validation
     def _can_measure_one_example(self) -> bool:
@@ -181,10 +259,11 @@ class Probe:
         """Refuse, before training starts, a loss whose scale or graph cannot be trusted.
 
         One forward and backward on up to two probe examples checks that the data fits the
-        model, that the criterion returns a scalar *mean* over examples (repeating the
-        batch must not change it: a sum would scale λ1^H by the chunk size and λ1^K by M²),
-        and that the loss depends on ``params``.
+        model, that the loss is a scalar *mean* over examples (repeating the batch must not
+        change it: a sum would scale λ1^H by the chunk size and λ1^K by M²), and that the
+        loss depends on ``params``.
         """
+        what = "criterion" if self.criterion is not None else "loss_fn"
         reduction = getattr(self.criterion, "reduction", "mean")
         if isinstance(reduction, str) and reduction not in _MEAN_REDUCTIONS:
             raise ValueError(
@@ -195,18 +274,23 @@ class Probe:
             try:
                 once = self._local_loss(idx)  # local: no collective while constructing
                 twice = self._local_loss(torch.cat([idx, idx]))
-            except (RuntimeError, TypeError, ValueError, IndexError) as err:
+            except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
+                if self.criterion is not None:
+                    takes = (f"the inputs ({_describe_part(self.inputs)}) and targets "
+                             f"({_describe_part(self.targets)}) are what the model (parameters "
+                             f"{self.params[0].dtype}) and criterion take")
+                else:
+                    takes = (f"the batch ({B.describe(self.data)}, per probe) is what the model "
+                             f"(parameters {self.params[0].dtype}) and loss_fn take")
                 raise ValueError(
                     f"the probe cannot evaluate the loss on its own data ({type(err).__name__}: "
-                    f"{err}). Check that the inputs ({self.inputs.dtype}, shape "
-                    f"{tuple(self.inputs.shape[1:])} per example) and targets ({self.targets.dtype}) "
-                    f"are what the model (parameters {self.params[0].dtype}) and criterion take"
-                ) from err
+                    f"{err}). Check that {takes}") from err
             if not isinstance(once, Tensor) or once.numel() != 1:
                 shape = tuple(once.shape) if isinstance(once, Tensor) else type(once).__name__
-                raise ValueError(
-                    f"criterion must return a scalar mean loss, got {shape}: use a mean-reduced "
-                    "loss (reduction='mean')")
+                hint = (" (a model output? return its .loss)" if hasattr(once, "loss")
+                        else " (reduction='mean')")
+                raise ValueError(f"{what} must return a scalar mean loss tensor, got {shape}: "
+                                 f"use a mean-reduced loss{hint}")
             a, b = float(once.detach()), float(twice.detach())
             # A forward that draws random numbers (functional dropout) cannot match exactly:
             # then only refuse a loss closer to a sum than to a mean.
@@ -215,7 +299,7 @@ class Probe:
             if math.isfinite(a) and math.isfinite(b) and abs(b - a) > tolerance:
                 hint = " (it looks like a sum over examples)" if abs(b - 2 * a) <= 1e-3 * abs(a) else ""
                 raise ValueError(
-                    f"criterion is not a mean over examples{hint}: the loss of a batch repeated "
+                    f"{what} is not a mean over examples{hint}: the loss of a batch repeated "
                     f"twice is {b:.6g}, not {a:.6g}. sgdbreak's λ1^H and K are those of the mean "
                     "loss: use reduction='mean' or divide by the batch size")
             if not once.requires_grad:
@@ -239,7 +323,9 @@ class Probe:
         """Measurement mode; everything it changes is restored after.
 
         Dropout off and BatchNorm per ``batchnorm``; sparse embeddings give dense gradients
-        (Hessian-vector products need them); the global random number generators (CPU and
+        (Hessian-vector products need them); ``scaled_dot_product_attention`` uses its math
+        kernel (the fused flash / memory-efficient kernels have no second derivative, so a
+        transformer's Hessian-vector products would fail); the global random number generators (CPU and
         the parameters' CUDA devices) are forked, so a forward pass that draws random
         numbers does not change the training trajectory.
         """
@@ -247,7 +333,7 @@ class Probe:
         sparse = [m for m in self.model.modules()
                   if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        with torch.random.fork_rng(devices=_rng_devices(self.params)):
+        with torch.random.fork_rng(devices=_rng_devices(self.params)), _twice_differentiable_attention():
             try:
                 self.model.eval()
                 if self.batchnorm == "train":
@@ -281,9 +367,7 @@ class Probe:
 
     def loss_of_indices(self, indices: Tensor) -> Tensor:
         """Mean loss over the probe examples at ``indices`` (graph built; no mode changes)."""
-        x = self.inputs[indices].to(self.device)
-        y = self.targets[indices].to(self.device)
-        return self.criterion(self.forward(self.model, x), y)
+        return self.batch_loss(self.model, B.to_device(B.select(self.data, indices), self.device))
 
     def loss(self) -> Tensor:
         """Mean loss over the examples held here (chunk losses weighted by chunk size).
@@ -294,6 +378,8 @@ class Probe:
         for idx in self.chunks():
             part = self._local_loss(idx) * (len(idx) / self.local_num_examples)
             total = part if total is None else total + part
+        if total is None:  # chunks() is never empty: the probe holds at least one example
+            raise RuntimeError("the probe holds no examples")
         return total
 
     def loss_value(self, indices: Tensor | None = None) -> float:
@@ -358,7 +444,7 @@ class Probe:
     def _group_rayleigh_quotients(self, v: Tensor, groups: list[Tensor]) -> Tensor:
         """vᵀH_g v for the mean loss of each group of probe indices (float64, CPU)."""
         return torch.tensor([
-            HessianOperator(lambda idx=idx: self.loss_of_indices(idx), self.params).rayleigh_quotient(v)
+            HessianOperator(functools.partial(self.loss_of_indices, idx), self.params).rayleigh_quotient(v)
             for idx in groups
         ], dtype=torch.float64)
 
@@ -368,7 +454,7 @@ class Probe:
         with self.measuring():
             total = torch.zeros(self.dim, dtype=self.params[0].dtype, device=self.device)
             for idx in self.chunks():
-                loss = evaluate_loss(lambda idx=idx: self.loss_of_indices(idx))
+                loss = evaluate_loss(functools.partial(self.loss_of_indices, idx))
                 grads = torch.autograd.grad(loss, self.params, allow_unused=True)
                 total += flatten(grads, self.params) * (len(idx) / self.num_examples)
         return self.reduce_mean(total) if self.reduce_mean is not None else total
@@ -400,10 +486,9 @@ class Probe:
                         "per-example gradients are undefined with train-mode BatchNorm (batch "
                         "statistics): use method='microbatch' or Probe(..., batchnorm='eval')"
                     )
-                return samples.per_example_gradients(
-                    self.model, self.criterion, self.inputs.to(self.device), self.targets.to(self.device),
-                    params=self.params, chunk_size=self.chunk_size, forward=self.forward,
-                    sketch=sketch,
+                return samples.per_example_loss_gradients(
+                    self.model, self.batch_loss, B.to_device(self.data, self.device),
+                    params=self.params, chunk_size=self.chunk_size, sketch=sketch,
                 )
         raise ValueError(f"method must be 'microbatch' or 'per_example', got {method!r}")
 

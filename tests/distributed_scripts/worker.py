@@ -33,6 +33,10 @@ from sgdbreak import (  # noqa: E402  # noqa: E402
 )
 
 
+def dict_loss(model, batch):
+    return C.CRITERION(model(batch["x"]), batch["y"])
+
+
 def probe_scenario(rank: int) -> dict:
     """Every probe measurement of a split probe (global and local micro-batches)."""
     out: dict = {}
@@ -76,6 +80,13 @@ def probe_scenario(rank: int) -> dict:
         out["split_error"] = ""
     except ValueError as err:
         out["split_error"] = str(err)
+
+    # The same probe as a dict batch with a loss_fn (the general form), split the same way.
+    x, y = C.probe_data()
+    as_dict = DistributedProbe(model, data={"x": x, "y": y}, loss_fn=dict_loss, split=True)
+    out["dict_eig_H"] = as_dict.hessian_eigenvalues(k=3, tol=1e-10, max_hvps=200, generator=gen()).eigenvalues
+    out["dict_samples"] = as_dict.gradient_samples(num_samples=6, batch_size=5, generator=gen())
+    out["dict_per_example"] = as_dict.gradient_samples(method="per_example")
 
     bn = C.bn_net()
     bn_probe = DistributedProbe(bn, C.CRITERION, C.probe_data(), split=True)
