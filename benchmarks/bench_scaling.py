@@ -28,10 +28,12 @@ import sys
 import time
 
 MODELS = {
-    # name: (kind, width)
+    # name: (kind, width); cnn-4 and mlp-64 only for the quick (CI) run
+    "cnn-4": ("cnn", 4), "mlp-64": ("mlp", 64),
     "cnn-16": ("cnn", 16), "cnn-32": ("cnn", 32), "cnn-64": ("cnn", 64),
     "mlp-256": ("mlp", 256), "mlp-1024": ("mlp", 1024), "mlp-2048": ("mlp", 2048),
 }
+QUICK = ("cnn-4", "mlp-64")
 
 
 def build(kind: str, width: int):
@@ -214,12 +216,12 @@ def child(name: str, probe_size: int, repeat: int, device_name: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=[m for m in MODELS if m not in QUICK], choices=list(MODELS))
     ap.add_argument("--probe-sizes", nargs="+", type=int, default=[125, 250, 500, 1000],
                     help="probe sizes swept on the middle CNN")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="two small models, one probe size, one repeat (CI)")
+    ap.add_argument("--quick", action="store_true", help="two small models, probe 100, one repeat (CI)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -228,8 +230,9 @@ def main() -> None:
         print("RESULT " + json.dumps(out))
         return
     if args.quick:
-        args.models, args.probe_sizes, args.repeat = ["cnn-16", "mlp-256"], [], 1
-    jobs = [(m, 250) for m in args.models] + [("cnn-32", n) for n in args.probe_sizes if n != 250]
+        args.models, args.probe_sizes, args.repeat = list(QUICK), [], 1
+    base = 100 if args.quick else 250
+    jobs = [(m, base) for m in args.models] + [("cnn-32", n) for n in args.probe_sizes if n != base]
     rows = []
     for name, size in jobs:
         cmd = [sys.executable, __file__, "--child", name, str(size), "--repeat", str(args.repeat),
