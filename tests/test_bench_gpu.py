@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 GPU = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_reduced_version_writes_json_and_markdown(tmp_path):
     proc = subprocess.run([sys.executable, str(GPU), "--out", str(tmp_path), "--reduced", "--device", "cpu"],
                           capture_output=True, text=True, timeout=900, check=False)
