@@ -31,9 +31,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--skip-power", action="store_true", help="skip the (slow) power-iteration baseline")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
 
     model, x, y, px, py = setup(probe_size=args.probe_size)
+    model.to(args.device)
+    x, y, px, py = (t.to(args.device) for t in (x, y, px, py))
     probe = Probe(model, nn.CrossEntropyLoss(), (px, py))
     sgd = time_sgd_steps(model, x, y)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
@@ -98,6 +102,12 @@ def main() -> None:
     print("lambda1_H references:", ", ".join(f"{r['ref']:.4g}" for r in rows["cold lanczos"]))
     print(table(out, ["method", "median hvps", "max hvps", "median s", "x SGD step", "max rel err", "within 1e-3",
                       "median hvps to tol", "median first err", "first after hvps"]))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "probe": args.probe_size, "sgd_step_s": sgd, "hvp_s": hvp,
+                       "rows": out}, f, indent=1)
 
 
 def _median_or_none(values):

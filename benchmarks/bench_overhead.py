@@ -33,9 +33,19 @@ from sgdbreak import BreakEvenSGD, Probe
 from sgdbreak.workloads.datasets import batches
 
 
+def tiny_cnn() -> nn.Module:
+    """A small CNN on the same data (about 5 ms per SGD step of 128 on a quiet CPU core)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 12 * 12, 32), nn.ReLU(), nn.Linear(32, 10),
+    )
+
+
 def run(variant: str, args, model0, x, y, px, py):
-    model = type(model0)(1, 10, 28)
+    model = tiny_cnn() if args.model == "tiny" else type(model0)(1, 10, 28)
     model.load_state_dict(model0.state_dict())
+    model.to(args.device)
     kwargs = {}
     if variant != "sgd":
         probe = Probe(model, nn.CrossEntropyLoss(), (px, py))
@@ -54,6 +64,10 @@ def run(variant: str, args, model0, x, y, px, py):
     steps = args.epochs * (len(x) // args.batch_size)
     if variant == "dense":
         steps = min(steps, args.dense_steps)
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     step, start = 0, time.perf_counter()
     while step < steps:
         for xb, yb in batches(x, y, args.batch_size, generator=g):
@@ -63,12 +77,19 @@ def run(variant: str, args, model0, x, y, px, py):
             step += 1
             if step >= steps:
                 break
+    if cuda:
+        torch.cuda.synchronize()
+        opt.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
     return time.perf_counter() - start, opt, model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="simplecnn", choices=["simplecnn", "tiny"],
+                    help="tiny: a small CNN whose SGD step is ~5 ms (run it with --epochs 10)")
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--probe-size", type=int, default=250)
@@ -78,6 +99,9 @@ def main() -> None:
                     choices=["default", "cheap", "cold", "loose"], help="measured variants (plain SGD and dense always run)")
     args = ap.parse_args()
     model0, x, y, px, py = setup(probe_size=args.probe_size)
+    if args.model == "tiny":
+        model0 = tiny_cnn()
+    x, y, px, py = (t.to(args.device) for t in (x, y, px, py))
     spe = len(x) // args.batch_size
     results = {}
     # Plain SGD runs first and again last: this shared machine's speed drifts by 10-30 %
@@ -100,21 +124,30 @@ def main() -> None:
                      "cheap": sum("update_sharpness" in r for r in opt.history),
                      "hvps": sum(r.get("num_hvps", 0) for r in full),
                      "break-even": opt.break_even.step, "rule": opt.break_even.rule,
-                     "detected": opt.break_even.detected_at, "same params": same})
+                     "detected": opt.break_even.detected_at, "same params": same,
+                     "peak MB": getattr(opt, "peak_memory_mb", None)})
     dense = [r for r in results["dense"][1].history if "lambda1_H" in r]
     peak = max(dense, key=lambda r: r["lambda1_H"])
-    print(f"\nSimpleCNN, {args.epochs} epochs x {spe} steps, batch {args.batch_size}, lr {args.lr}, "
+    print(f"\n{'SimpleCNN' if args.model == 'simplecnn' else 'tiny CNN'}, {args.epochs} epochs x {spe} steps, batch {args.batch_size}, lr {args.lr}, "
           f"probe {args.probe_size}; plain torch.optim.SGD: {results['sgd'][0]:.1f} s first, "
           f"{results['sgd_again'][0]:.1f} s last (ratios use the mean)")
     print(table(rows, ["variant", "seconds", "x SGD", "measuring s", "x own training", "full", "cheap", "hvps",
-                       "break-even", "rule", "detected", "same params"]))
+                       "break-even", "rule", "detected", "same params", "peak MB"]))
     print(f"dense lambda1_H (every {args.dense_every} steps up to {args.dense_steps}): peak {peak['lambda1_H']:.3g} "
           f"at step {peak['step']}; first eta*lambda1_H/2 >= 1 at step "
           f"{next((r['step'] for r in dense if r['stability_ratio'] >= 1), None)}")
     det = results["default"][1].break_even.detected_at if "default" in results else None
     if det is not None:
         print(f"default cadence detected break-even at step {det}: "
-              f"{(det - peak['step']) / spe:+.2f} epochs from the dense peak (goal <= +1)")
+              f"{(det - peak['step']) / spe:+.2f} epochs from the dense peak (goal <= +0.5)")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "epochs": args.epochs, "device": args.device,
+                       "sgd_seconds": [results["sgd"][0], results["sgd_again"][0]],
+                       "peak_sgd_mb": getattr(results["sgd"][1], "peak_memory_mb", None),
+                       "dense_peak_step": peak["step"], "steps_per_epoch": spe, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

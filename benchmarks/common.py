@@ -37,6 +37,12 @@ def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x, y, generator: torc
     opt.step()
 
 
+def sync() -> None:
+    """Wait for the GPU (timings of CUDA work are meaningless without it); no-op on CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_sgd_steps(model: nn.Module, x, y, *, batch_size: int = 128, steps: int = 20, lr: float = 0.01) -> float:
     """Median seconds of one plain ``torch.optim.SGD`` step (forward, backward, update)."""
     params = [p.detach().clone() for p in model.parameters()]
@@ -44,8 +50,10 @@ def time_sgd_steps(model: nn.Module, x, y, *, batch_size: int = 128, steps: int 
     g = torch.Generator().manual_seed(0)
     times = []
     for i in range(steps + 2):
+        sync()
         t = time.perf_counter()
         sgd_step(model, opt, x, y, g, batch_size)
+        sync()
         if i >= 2:
             times.append(time.perf_counter() - t)
     with torch.no_grad():
@@ -60,8 +68,10 @@ def timed(fn, repeat: int = 1):
     """(result of the last call, median seconds)."""
     times, out = [], None
     for _ in range(repeat):
+        sync()
         t = time.perf_counter()
         out = fn()
+        sync()
         times.append(time.perf_counter() - t)
     return out, statistics.median(times)
 

@@ -217,3 +217,40 @@ class TestBadInput:
             Probe(nn.Linear(2, 2), nn.MSELoss(), 5)
         with pytest.raises(ValueError, match="batchnorm"):
             Probe(nn.Linear(2, 2), nn.MSELoss(), (torch.randn(3, 2), torch.randn(3, 2)), batchnorm="frozen")
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_matmat_equals_one_product_per_row_batched_or_not(name):
+    model = NETS[name]()
+    x, y = data_for("cnn" if name == "cnn" else "vec")
+    crit = nn.CrossEntropyLoss()
+    vectors = torch.randn(3, sum(p.numel() for p in model.parameters()), generator=gen(4))
+    rows = {}
+    for batched in (False, True):
+        op = HessianOperator(lambda: crit(model(x), y), list(model.parameters()), batched=batched)
+        rows[batched] = op.matmat(vectors)
+        assert op.num_matvecs == 3
+    single = HessianOperator(lambda: crit(model(x), y), list(model.parameters()))
+    expected = torch.stack([single.matvec(v) for v in vectors])
+    for got in rows.values():
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_matmat_falls_back_to_rows_when_batching_fails(monkeypatch):
+    model = tanh_mlp()
+    x, y = data_for("vec")
+    op = HessianOperator(lambda: nn.CrossEntropyLoss()(model(x), y), list(model.parameters()), batched=True)
+    real = torch.autograd.grad
+
+    def no_batching(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("no batching rule")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    vectors = torch.randn(2, op.dim, generator=gen(5))
+    out = op.matmat(vectors)
+    assert not op.batched and op.num_matvecs == 2
+    torch.testing.assert_close(out, torch.stack([op.matvec(v) for v in vectors]))
+    with pytest.raises(ValueError, match="vectors must have shape"):
+        op.matmat(torch.ones(op.dim))

@@ -200,3 +200,49 @@ def test_bad_arguments(kwargs, message):
 def test_non_finite_matvec_is_an_error():
     with pytest.raises(ValueError, match="non-finite"):
         lanczos(lambda v: v * float("nan"), 5)
+
+
+class _BlockCounting:
+    """A matvec with ``matmat``: counts batched calls and the rows they carried."""
+
+    def __init__(self, A):
+        self.A, self.calls, self.rows = A, 0, 0
+
+    def __call__(self, v):
+        return self.A @ v
+
+    def matmat(self, block):
+        self.calls += 1
+        self.rows += block.shape[0]
+        return block @ self.A
+
+
+def test_warm_start_block_goes_through_matmat_and_changes_nothing():
+    A = symmetric_matrix_with_spectrum(torch.tensor([5.0, 4.0, 3.5] + list(np.linspace(0, 1, 37))), generator=gen(0))
+    cold = lanczos(op(A), 40, 2, tol=1e-8, max_matvecs=40, generator=gen(), dtype=torch.float64)
+    plain = lanczos(op(A), 40, 2, tol=1e-8, max_matvecs=40, init=cold, dtype=torch.float64)
+    counting = _BlockCounting(A)
+    batched = lanczos(counting, 40, 2, tol=1e-8, max_matvecs=40, init=cold, dtype=torch.float64)
+    assert counting.calls == 1 and counting.rows == cold.start_vectors.shape[0] == 4
+    assert batched.num_matvecs == plain.num_matvecs
+    torch.testing.assert_close(batched.eigenvalues, plain.eigenvalues, rtol=1e-12, atol=1e-12)
+
+
+def test_thick_restarts_keep_the_answer():
+    ev = torch.tensor(SPECTRA["large_gap"], dtype=torch.float64)
+    A = symmetric_matrix_with_spectrum(ev, generator=gen(1))
+    res = lanczos(op(A), len(ev), 2, tol=1e-8, max_matvecs=300, max_basis=6, generator=gen(), dtype=torch.float64)
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, ev.sort(descending=True).values[:2], rtol=1e-6, atol=1e-9)
+
+
+def test_inf_in_one_product_is_an_error():
+    A = torch.eye(6, dtype=torch.float64)
+
+    def matvec(v):
+        out = A @ v
+        out[3] = float("inf")
+        return out
+
+    with pytest.raises(ValueError, match="non-finite"):
+        lanczos(matvec, 6, dtype=torch.float64, generator=gen())

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from sgdbreak.errors import NonFiniteMeasurement
 from sgdbreak.estimators import noise
 from sgdbreak.estimators.noise import (
     CountSketch,
@@ -474,3 +475,50 @@ def test_probe_per_example_samples_through_a_sketch_never_form_the_dense_rows():
     dense = probe.gradient_samples(method="per_example")
     assert small.shape == (30, 12) and max(w[0] for w in widths) == 7
     torch.testing.assert_close(small, sketch(dense), rtol=1e-10, atol=1e-12)
+
+
+# --- the native-precision Gram (gram_dtype=None), the monitor's default -------------------
+
+
+@pytest.mark.parametrize("num,dim", [(8, 300), (20, 4000), (30, 5)])
+def test_native_gram_matches_the_float64_spectrum_to_float32_accuracy(num, dim):
+    x = _samples(num, dim, seed=num + dim, dtype=torch.float32)
+    exact = covariance_spectrum(x, return_eigenvectors=True)
+    fast = covariance_spectrum(x, return_eigenvectors=True, gram_dtype=None)
+    assert fast.eigenvectors.dtype == torch.float32
+    torch.testing.assert_close(fast.eigenvalues, exact.eigenvalues, rtol=0, atol=1e-5 * exact.lambda1)
+    assert fast.trace == pytest.approx(exact.trace, rel=1e-5)
+    # Same directions (signs fixed the same way) where the eigenvalues are well separated.
+    gaps = (exact.eigenvalues[:-1] - exact.eigenvalues[1:]).abs() > 1e-2 * exact.lambda1
+    for i in range(min(3, num - 2)):
+        if gaps[i] and (i == 0 or gaps[i - 1]):
+            torch.testing.assert_close(fast.eigenvectors[i], exact.eigenvectors[i], rtol=0, atol=1e-3)
+    rec64 = noise_metrics(x, x.mean(0), batch_size=4)
+    rec32 = noise_metrics(x, x.mean(0), batch_size=4, gram_dtype=None)
+    assert rec32.keys() == rec64.keys()
+    for key, value in rec64.items():
+        assert rec32[key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
+
+
+def test_native_gram_rejects_non_finite_rows_by_name_and_bad_dtype():
+    x = _samples(6, 50, dtype=torch.float32)
+    x[4, 7] = float("nan")
+    for gram_dtype in (None, torch.float64):
+        with pytest.raises(NonFiniteMeasurement, match=r"rows \[4\]"):
+            covariance_spectrum(x, gram_dtype=gram_dtype)
+    with pytest.raises(ValueError, match="gram_dtype"):
+        covariance_spectrum(_samples(6, 50), gram_dtype=torch.float16)
+
+
+def test_spectrum_does_not_modify_float64_samples():
+    x = _samples(6, 50)
+    copy = x.clone()
+    covariance_spectrum(x, return_eigenvectors=True)
+    assert torch.equal(x, copy)
+
+
+def test_native_gram_gives_exact_zeros_for_identical_samples():
+    x = torch.full((5, 300), 0.1, dtype=torch.float32) + torch.linspace(0, 1, 300)
+    spec = covariance_spectrum(x, return_eigenvectors=True, gram_dtype=None)
+    assert torch.all(spec.eigenvalues == 0) and spec.trace == 0
+    assert math.isnan(spec.cond) and torch.all(spec.eigenvectors == 0)

@@ -94,6 +94,8 @@ class HessianOperator:
         reduce: optional callable applied to every product (e.g. an all-reduce mean across
             processes, see :mod:`sgdbreak.integrations.distributed_probe`).
         loss: a loss already evaluated from ``loss_fn`` (saves one forward pass).
+        batched: let :meth:`matmat` multiply a block of vectors in one batched double
+            backward (the Lanczos start block, Hutchinson probes); False: one at a time.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class HessianOperator:
         fd_epsilon: float | None = None,
         reduce: Callable[[Tensor], Tensor] | None = None,
         loss: Tensor | None = None,
+        batched: bool = False,
     ):
         if method not in ("autograd", "finite_difference"):
             raise ValueError(f"method must be 'autograd' or 'finite_difference', got {method!r}")
@@ -116,6 +119,7 @@ class HessianOperator:
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         self.num_matvecs = 0
+        self.batched = batched
         loss = evaluate_loss(loss_fn) if loss is None else loss
         self.loss = loss.detach() if reduce is None else reduce(loss.detach().reshape(1)).reshape(())
         if method == "autograd":
@@ -153,6 +157,42 @@ class HessianOperator:
         outs = [vs[index[id(p)]] for _, p in self._pairs]
         hv = torch.autograd.grad(grads, self.params, grad_outputs=outs, retain_graph=True, allow_unused=True)
         return flatten([h.detach() if h is not None else None for h in hv], self.params)
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        """Hessian products for the rows of ``vectors`` (b, dim), as rows.
+
+        With autograd, one batched double backward (``is_grads_batched``, vmap over the
+        backward graph) instead of b of them; layers without a batching rule fall back to
+        one product per row (remembered, so the batched call is tried once).
+        """
+        if vectors.dim() != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"vectors must have shape (b, {self.dim}), got {tuple(vectors.shape)}")
+        vectors = vectors.to(dtype=self.dtype, device=self.device)
+        if self.method != "autograd" or not self._pairs or not self.batched or vectors.shape[0] == 1:
+            return torch.stack([self.matvec(v) for v in vectors])
+        index = {id(p): i for i, p in enumerate(self.params)}
+        grads = [g for g, _ in self._pairs]
+        outs = []
+        start = 0
+        for p in self.params:
+            n = p.numel()
+            outs.append(vectors[:, start : start + n].reshape(-1, *p.shape))
+            start += n
+        try:
+            hv = torch.autograd.grad(grads, self.params, grad_outputs=[outs[index[id(p)]] for _, p in self._pairs],
+                                     retain_graph=True, allow_unused=True, is_grads_batched=True)
+        except RuntimeError:
+            self.batched = False  # no batching rule for some layer: one product per row
+            return torch.stack([self.matvec(v) for v in vectors])
+        self.num_matvecs += vectors.shape[0]
+        rows = torch.cat([
+            (h.detach() if h is not None else torch.zeros(vectors.shape[0], *p.shape, dtype=self.dtype,
+                                                          device=self.device)).reshape(vectors.shape[0], -1)
+            for h, p in zip(hv, self.params)
+        ], dim=1)
+        if self.reduce is not None:
+            rows = torch.stack([self.reduce(row) for row in rows])
+        return rows
 
     def _gradient_at(self, v: Tensor, scale: float) -> Tensor:
         saved = [p.detach().clone() for p in self.params]

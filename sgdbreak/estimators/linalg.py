@@ -104,14 +104,63 @@ def _random_vector(dim: int, dtype, device, generator) -> Tensor:
     return torch.randn(dim, dtype=dtype, device="cpu", generator=generator).to(device)
 
 
-def _orthogonalize(w: Tensor, basis: list[Tensor]) -> Tensor:
-    """Classical Gram-Schmidt against ``basis``, applied twice (DGKS) for stability."""
-    if not basis:
+def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
+    """Classical Gram-Schmidt against the rows of ``basis``, repeated once if needed (DGKS).
+
+    The second pass runs only when the first removed most of ``w`` (its norm fell below
+    1/√2 of what it was): rounding may then have left components along the basis.
+    Otherwise one pass is as accurate ("twice is enough") and the basis is read once.
+    """
+    if basis.shape[0] == 0:
         return w
-    V = torch.stack(basis)
-    for _ in range(2):
-        w = w - V.T @ (V @ w)
+    before = torch.linalg.vector_norm(w)
+    w = w - basis.T @ (basis @ w)
+    if torch.linalg.vector_norm(w) < 0.7071 * before:
+        w = w - basis.T @ (basis @ w)
     return w
+
+
+class _Basis:
+    """The Lanczos basis V and its images AV, rows of two growing buffers.
+
+    Capacity doubles as needed (up to ``max_rows``), so appending never re-stacks the
+    whole basis and memory is that of the vectors held (at most ``2 * max_rows``).
+    """
+
+    def __init__(self, dim: int, max_rows: int, dtype, device, initial: int = 4):
+        self.max_rows = max_rows
+        cap = min(max_rows, max(initial, 1))
+        self._v = torch.empty(cap, dim, dtype=dtype, device=device)
+        self._av = torch.empty(cap, dim, dtype=dtype, device=device)
+        self.size = 0
+
+    @property
+    def V(self) -> Tensor:
+        return self._v[: self.size]
+
+    @property
+    def AV(self) -> Tensor:
+        return self._av[: self.size]
+
+    def append(self, v: Tensor, av: Tensor) -> None:
+        """Add rows ``v`` (b, dim) and their images ``av``."""
+        need = self.size + v.shape[0]
+        if need > self._v.shape[0]:
+            cap = min(self.max_rows, max(need, 2 * self._v.shape[0]))
+            for name in ("_v", "_av"):
+                old = getattr(self, name)
+                new = old.new_empty(cap, old.shape[1])
+                new[: self.size] = old[: self.size]
+                setattr(self, name, new)
+        self._v[self.size : need] = v
+        self._av[self.size : need] = av
+        self.size = need
+
+    def replace(self, v: Tensor, av: Tensor) -> None:
+        """Restart: the basis becomes the rows of ``v``, with images ``av``."""
+        self.size = v.shape[0]
+        self._v[: self.size] = v
+        self._av[: self.size] = av
 
 
 def _as_start_block(init, dim: int, dtype, device) -> list[Tensor]:
@@ -127,9 +176,18 @@ def _as_start_block(init, dim: int, dtype, device) -> list[Tensor]:
         raise TypeError(f"init must be a tensor, a sequence of tensors or an EigenResult, got {type(init).__name__}")
     if block.dim() != 2 or block.shape[1] != dim:
         raise ValueError(f"init vectors must have length {dim}, got shape {tuple(block.shape)}")
-    if not torch.isfinite(block).all():
+    # A nan or inf makes its row's float64 norm non-finite: no separate pass over the block.
+    if not bool(torch.isfinite(torch.linalg.vector_norm(block, dim=1, dtype=torch.float64)).all()):
         raise NonFiniteMeasurement("init vectors contain non-finite values")
     return [row.to(dtype=dtype, device=device) for row in block]
+
+
+def _apply_block(matvec: Matvec, block: Tensor) -> Tensor:
+    """A x for every row x of ``block``: one batched call when the operator has ``matmat``."""
+    matmat = getattr(matvec, "matmat", None)
+    if matmat is not None and block.shape[0] > 1:
+        return matmat(block)
+    return torch.stack([matvec(x) for x in block])
 
 
 def lanczos(
@@ -195,12 +253,12 @@ def lanczos(
         raise ValueError(f"max_basis={max_basis} must be at least k + 2 = {k + 2}")
     max_basis = min(max_basis, dim)
 
-    V: list[Tensor] = []  # orthonormal basis
-    AV: list[Tensor] = []  # images of the basis
-    T = torch.zeros(0, 0, dtype=torch.float64)  # projected matrix V^T A V
+    def stacked(rows: list[Tensor]) -> Tensor:
+        return torch.stack(rows) if rows else torch.empty(0, dim, dtype=dtype, device=device)
+
     pending: list[Tensor] = []  # vectors waiting to be multiplied
     for v in _as_start_block(init, dim, dtype, device):
-        v = _orthogonalize(v, pending)
+        v = _orthogonalize(v, stacked(pending))
         n = v.norm()
         if n > 1e-6 * max(1.0, v.abs().max().item()):
             pending.append(v / n)
@@ -210,34 +268,36 @@ def lanczos(
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     while len(pending) < min(block_size, dim):
-        v = _orthogonalize(_random_vector(dim, dtype, device, generator), pending)
+        v = _orthogonalize(_random_vector(dim, dtype, device, generator), stacked(pending))
         pending.append(v / v.norm())
     pending = pending[: max_basis - 1] if len(pending) >= max_basis else pending
+    pending = pending[: max(1, max_matvecs)]
 
+    basis = _Basis(dim, max_basis, dtype, device, initial=len(pending) + 3)
+    T = torch.zeros(0, 0, dtype=torch.float64)  # projected matrix V^T A V
     num = 0
     best = None
     estimates: list[tuple[int, float]] = []
     while True:
-        # Multiply the next pending vector and extend the projected matrix.
-        v = pending.pop(0)
-        w = matvec(v)
-        num += 1
-        if w.shape != v.shape:
-            raise ValueError(f"matvec returned shape {tuple(w.shape)}, expected {tuple(v.shape)}")
-        if not torch.isfinite(w).all():
+        # Multiply the pending vectors (the start block in one batched call when the
+        # operator allows) and extend the projected matrix.
+        block = torch.stack(pending)
+        pending = []
+        images = _apply_block(matvec, block)
+        num += block.shape[0]
+        if images.shape != block.shape:
+            raise ValueError(f"matvec returned shape {tuple(images.shape[1:])}, expected {(dim,)}")
+        basis.append(block, images)
+        m, b = basis.size, block.shape[0]
+        # V^T A v for the new vectors; a nan or inf in an image lands here (no extra pass).
+        new_cols = (basis.V @ images.T).double().cpu()
+        if not bool(torch.isfinite(new_cols).all()):
             raise NonFiniteMeasurement("matvec returned non-finite values")
-        V.append(v)
-        AV.append(w)
-        m = len(V)
-        Vt = torch.stack(V)
-        new_col = (Vt @ w).double().cpu()
         T_new = torch.zeros(m, m, dtype=torch.float64)
-        T_new[: m - 1, : m - 1] = T
-        T_new[:, m - 1] = new_col
-        T_new[m - 1, :] = new_col
+        T_new[: m - b, : m - b] = T
+        T_new[:, m - b :] = new_cols
+        T_new[m - b :, :] = new_cols.T
         T = T_new
-        if pending:
-            continue  # finish the start block before Rayleigh-Ritz
 
         # Rayleigh-Ritz on span(V).
         theta, Y = torch.linalg.eigh(0.5 * (T + T.T))
@@ -247,29 +307,33 @@ def lanczos(
         estimates.append((num, theta[0].item()))
         # Ritz pairs k and k+1 too: their residuals make the gap estimate honest, and
         # they are kept as the next warm start (eigenvectors swap order during training).
+        # Residuals A V y - θ V y straight from the two buffers (no Ritz vectors needed).
         nr = min(m, k + 2)
-        Yr = Y[:, :nr].to(dtype=dtype, device=v.device)
-        ritz = Yr.T @ Vt
-        resid_vecs = Yr.T @ torch.stack(AV) - theta[:nr].to(dtype=dtype, device=v.device)[:, None] * ritz
-        res = resid_vecs.double().norm(dim=1).cpu()
+        Yr = Y[:, :nr].to(dtype=dtype, device=device)
+        theta_r = theta[:nr].to(dtype=dtype, device=device)
+        resid_vecs = torch.addmm(Yr.T @ basis.AV, (Yr * theta_r).T, basis.V, alpha=-1.0)
+        res = torch.linalg.vector_norm(resid_vecs, dim=1, dtype=torch.float64).cpu()
         bounds = _error_bounds(theta[:nr], res, kk, convergence)
         scale = max(theta.abs().max().item(), torch.finfo(dtype).tiny)
         done = m >= k and bool((bounds <= tol * scale).all())
-        best = (theta[:kk].clone(), ritz, res, bounds)
         if done or m == dim or num >= max_matvecs:
             converged = done or (m == dim and m >= k)
+            best = (theta[:kk].clone(), Yr.T @ basis.V, res, bounds)
             break
 
         # Expand with the residual of the first unconverged wanted Ritz vector.
         unconverged = (bounds > tol * scale).nonzero().flatten()
         j = int(unconverged[0]) if len(unconverged) else 0
+        r = resid_vecs[j]
         if m >= max_basis:
-            V, AV, T = _thick_restart(V, AV, Y, theta, keep=max(k + 1, max_basis // 2), dtype=dtype)
-        r = _orthogonalize(resid_vecs[j], V)
+            keep = max(k + 1, max_basis // 2)
+            Yk = Y[:, :keep].to(dtype=dtype, device=device)
+            basis.replace(Yk.T @ basis.V, Yk.T @ basis.AV)
+            T = torch.diag(theta[:keep])
+        r = _orthogonalize(r, basis.V)
         if r.norm() <= 1e-10 * max(scale, 1.0) or not torch.isfinite(r).all():
             # Invariant subspace: continue from a fresh random direction.
-            r = _orthogonalize(_random_vector(dim, dtype, v.device, generator), V)
-        r = _orthogonalize(r, V)
+            r = _orthogonalize(_orthogonalize(_random_vector(dim, dtype, device, generator), basis.V), basis.V)
         pending.append(r / r.norm())
 
     theta, ritz, res, bounds = best
@@ -295,16 +359,6 @@ def _error_bounds(theta: Tensor, res: Tensor, kk: int, convergence: str) -> Tens
         if gap > 0:
             bounds[i] = min(res[i].item(), res[i].item() ** 2 / gap)
     return bounds
-
-
-def _thick_restart(V, AV, Y, theta, *, keep: int, dtype):
-    """Keep the ``keep`` best Ritz vectors (and their images) as the new basis."""
-    Yk = Y[:, :keep].to(dtype=dtype, device=V[0].device)
-    Vt, AVt = torch.stack(V), torch.stack(AV)
-    newV = Yk.T @ Vt
-    newAV = Yk.T @ AVt
-    T = torch.diag(theta[:keep])
-    return list(newV), list(newAV), T
 
 
 def power_iteration(

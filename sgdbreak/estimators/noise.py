@@ -37,9 +37,10 @@ __all__ = [
     "two_batch_noise_scale",
 ]
 
-# float64 working chunks hold at most this many elements (32 MiB), so a (L, D) float32
-# sample matrix is never copied whole to float64.
-_CHUNK_ELEMENTS = 1 << 22
+# float64 working chunks hold at most this many elements (2 MiB: they stay in cache, so
+# converting a chunk of the (L, D) sample matrix to float64 costs no extra memory pass,
+# and the matrix is never copied whole).
+_CHUNK_ELEMENTS = 1 << 18
 _EPS64 = torch.finfo(torch.float64).eps
 
 
@@ -84,6 +85,7 @@ class CovarianceSpectrum:
 
 
 def _check_samples(samples: object) -> tuple[int, int]:
+    """Type and shape of the (L, D) samples; finiteness is checked on the Gram matrix."""
     if not isinstance(samples, Tensor):
         raise TypeError(
             f"samples must be a torch.Tensor of shape (L, D) with one gradient sample per "
@@ -103,23 +105,31 @@ def _check_samples(samples: object) -> tuple[int, int]:
         )
     if dim < 1:
         raise ValueError(f"samples must have at least one column (parameter), got D={dim}")
-    finite = torch.isfinite(samples).all(dim=1)
-    if not bool(finite.all()):
-        bad = torch.nonzero(~finite).flatten().tolist()
-        shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
-        raise NonFiniteMeasurement(
-            f"samples rows [{shown}] contain non-finite values (nan or inf); every gradient "
-            f"sample must be finite"
-        )
     return num, dim
+
+
+def _raise_non_finite(samples: Tensor) -> None:
+    """Name the non-finite rows (run only once the Gram matrix came out non-finite)."""
+    finite = torch.isfinite(samples).all(dim=1)
+    bad = torch.nonzero(~finite).flatten().tolist()
+    if not bad:
+        raise NonFiniteMeasurement(
+            "the samples are finite but their squared norms overflow float64; rescale them"
+        )
+    shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+    raise NonFiniteMeasurement(
+        f"samples rows [{shown}] contain non-finite values (nan or inf); every gradient "
+        f"sample must be finite"
+    )
 
 
 def _helmert_basis(n: int) -> Tensor:
     """Orthonormal ``(n, n - 1)`` basis of the vectors orthogonal to the all-ones vector.
 
-    Projecting the Gram matrix of centered rows on it removes the null direction that
-    centering creates, so exactly the ``n - 1`` meaningful eigenvalues remain and a
-    roundoff-level "zero" can never be mistaken for ``lambda_star``.
+    Projecting the Gram matrix on it centers the samples (its columns sum to zero) and
+    removes the null direction that centering creates, so exactly the ``n - 1``
+    meaningful eigenvalues remain and a roundoff-level "zero" can never be mistaken for
+    ``lambda_star``.
     """
     rows = torch.arange(n, dtype=torch.float64).unsqueeze(1)
     cols = torch.arange(1, n, dtype=torch.float64).unsqueeze(0)
@@ -127,91 +137,114 @@ def _helmert_basis(n: int) -> Tensor:
     return basis / torch.sqrt(cols * (cols + 1))
 
 
-class _Centered:
-    """Centered float64 view of the samples, produced chunk by chunk.
+def _relative_chunks(samples: Tensor):
+    """Column chunks of the samples in float64, each row minus row 0 (cache-sized).
 
-    Rows are first referred to row 0 (exact zeros for identical samples, and no loss of
-    precision when every sample shares a large common vector), then centered.
+    Referring rows to row 0 gives exact zeros for identical samples and loses no precision
+    when every sample shares a large common vector; centering is done on the small Gram
+    matrix (the Helmert basis is orthogonal to the all-ones vector, so it ignores any
+    common row).
     """
-
-    def __init__(self, samples: Tensor) -> None:
-        self.samples = samples
-        self.num, self.dim = samples.shape
-        self.col_chunk = max(1, _CHUNK_ELEMENTS // self.num)
-        self.ref = samples[0]
-
-    def column_chunks(self):
-        for start in range(0, self.dim, self.col_chunk):
-            stop = min(self.dim, start + self.col_chunk)
-            block = self.samples[:, start:stop].to(torch.float64)
-            block = block - self.ref[start:stop].to(torch.float64)
-            yield start, stop, block - block.mean(dim=0, keepdim=True)
+    num, dim = samples.shape
+    step = max(1, _CHUNK_ELEMENTS // num)
+    for start in range(0, dim, step):
+        stop = min(dim, start + step)
+        block = samples[:, start:stop].to(torch.float64, copy=True)
+        yield start, stop, block.sub_(samples[0, start:stop].to(torch.float64))
 
 
-def _gram_eigh(samples: Tensor):
-    """Eigen-decomposition of the centered samples' scatter matrix.
+def _gram_eigh(samples: Tensor, gram_dtype: torch.dtype | None = torch.float64):
+    """Eigen-decomposition of the centered samples' scatter matrix, in one pass over them.
 
     Returns ``(evals, trace, lift)``: the ``min(L - 1, D)`` non-zero-capable eigenvalues of
     ``C^T C`` (unnormalised, descending, clamped at 0, float64 CPU), ``||C||_F^2``, and a
-    function ``lift(j)`` giving the top ``j`` unit eigenvectors as a float64 ``(j, D)``
-    tensor on the samples' device.
+    function ``lift(j)`` giving the top ``j`` eigenvectors in parameter space, unnormalised,
+    as a ``(j, D)`` tensor in the samples' dtype and device, with their float64 norms.
+
+    ``gram_dtype``: float64 converts cache-sized column chunks (exact products of float32
+    samples); None takes the ``(L, D)`` products in the samples' own dtype, one matrix
+    product without any copy (relative error about eps·√(D / block) of the Gram entries,
+    far below the sampling error of L gradients). The L x L problem is float64 either way.
+
+    Raises:
+        NonFiniteMeasurement: a sample is not finite (detected on the Gram matrix, where
+            any nan or inf lands; the rows are then named).
     """
-    centered = _Centered(samples)
-    num, dim = centered.num, centered.dim
+    num, dim = samples.shape
     device = samples.device
+    native = gram_dtype is None
     if dim >= num:
-        # Usual case (D >= L): the L x L Gram matrix, reduced to the complement of 1.
-        gram = torch.zeros(num, num, dtype=torch.float64, device=device)
-        for _, _, block in centered.column_chunks():
-            gram += block @ block.T
+        # Usual case (D >= L): the L x L Gram matrix of the rows minus row 0 (float64), or
+        # of the raw rows (native), reduced to the complement of 1, which centers it.
+        if native:
+            gram = (samples @ samples.T).to(torch.float64)
+        else:
+            gram = torch.zeros(num, num, dtype=torch.float64, device=device)
+            for _, _, block in _relative_chunks(samples):
+                gram.addmm_(block, block.T)
         gram = gram.cpu()
-        trace = float(gram.diagonal().sum())
+        if not bool(torch.isfinite(gram).all()):
+            _raise_non_finite(samples)
         basis = _helmert_basis(num)
         reduced = basis.T @ gram @ basis
         reduced = 0.5 * (reduced + reduced.T)
+        trace = float(reduced.diagonal().sum())
         evals, evecs = torch.linalg.eigh(reduced)
         evals = evals.flip(0).clamp_min(0.0)
+        if native:
+            # Below the rounding of the raw products an eigenvalue is not resolved (identical
+            # samples give exact zeros, as on the float64 path).
+            floor = 4 * num * torch.finfo(samples.dtype).eps * float(gram.diagonal().max())
+            evals = torch.where(evals > floor, evals, 0.0)
+            trace = trace if trace > floor else 0.0
         coeffs = (basis @ evecs.flip(1)).to(device)  # (L, L - 1) in sample space
 
-        def lift(j: int) -> Tensor:
-            out = torch.empty(j, dim, dtype=torch.float64, device=device)
-            for start, stop, block in centered.column_chunks():
-                out[:, start:stop] = coeffs[:, :j].T @ block
-            return out
+        def lift(j: int) -> tuple[Tensor, Tensor]:
+            # The coefficients are orthogonal to the all-ones vector: applied to the raw
+            # rows they give the centered combination.
+            weights = coeffs[:, :j].T.contiguous()
+            if native:
+                out = weights.to(samples.dtype) @ samples
+                return out, torch.linalg.vector_norm(out, dim=1, dtype=torch.float64).cpu()
+            out = torch.empty(j, dim, dtype=samples.dtype, device=device)
+            norms = torch.zeros(j, dtype=torch.float64, device=device)
+            for start, stop, block in _relative_chunks(samples):
+                part = weights @ block
+                norms += part.square().sum(dim=1)
+                out[:, start:stop] = part
+            return out, norms.sqrt().cpu()
 
     else:
         # Few parameters (D < L): the D x D scatter matrix is the smaller problem.
-        scatter = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        for start, stop, block in centered.column_chunks():
-            for start2, stop2, block2 in centered.column_chunks():
-                if start2 <= start:
-                    part = block.T @ block2
-                    scatter[start:stop, start2:stop2] = part
-                    scatter[start2:stop2, start:stop] = part.T
-        scatter = scatter.cpu()
+        cast = samples.to(torch.float64)
+        centered = cast - cast[0]
+        centered -= centered.mean(dim=0, keepdim=True)
+        scatter = (centered.T @ centered).cpu()
+        if not bool(torch.isfinite(scatter).all()):
+            _raise_non_finite(samples)
         trace = float(scatter.diagonal().sum())
         evals, evecs = torch.linalg.eigh(0.5 * (scatter + scatter.T))
         evals = evals.flip(0).clamp_min(0.0)
         vectors = evecs.flip(1).T.contiguous()  # (D, D) rows are unit eigenvectors
 
-        def lift(j: int) -> Tensor:
-            return vectors[:j].to(device)
+        def lift(j: int) -> tuple[Tensor, Tensor]:
+            return vectors[:j].to(device=device, dtype=samples.dtype), torch.ones(j, dtype=torch.float64)
 
     return evals, trace, lift
 
 
-def _unit_rows(raw: Tensor, evals: Tensor, num: int) -> Tensor:
-    """Normalise lifted eigenvectors; rows with roundoff-level eigenvalues become zero."""
+def _unit_rows(raw: Tensor, norms: Tensor, evals: Tensor, num: int) -> Tensor:
+    """Normalise lifted eigenvectors in place; rows with roundoff-level eigenvalues become zero.
+
+    The sign is fixed so that the entry of largest magnitude is positive (deterministic).
+    """
     top = float(evals[0]) if evals.numel() else 0.0
     tol = 8.0 * num * _EPS64 * top
-    out = torch.zeros_like(raw)
-    for i in range(raw.shape[0]):
-        if float(evals[i]) > tol and top > 0:
-            row = raw[i]
-            # Fix the sign so the entry of largest magnitude is positive (deterministic).
-            sign = 1.0 if float(row[int(row.abs().argmax())]) >= 0 else -1.0
-            out[i] = sign * row / torch.linalg.vector_norm(row)
-    return out
+    keep = (evals[: raw.shape[0]] > tol) & (norms > 0) & (top > 0)
+    peak = raw.gather(1, raw.abs().argmax(dim=1, keepdim=True)).squeeze(1).cpu()
+    sign = torch.where(peak >= 0, 1.0, -1.0).to(torch.float64)
+    factor = torch.where(keep, sign / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    return raw.mul_(factor.to(device=raw.device, dtype=raw.dtype).unsqueeze(1))
 
 
 def covariance_spectrum(
@@ -220,6 +253,7 @@ def covariance_spectrum(
     *,
     scale: float = 1.0,
     return_eigenvectors: bool = False,
+    gram_dtype: torch.dtype | None = torch.float64,
 ) -> CovarianceSpectrum:
     """Spectrum of the centered sample covariance of gradient samples, via the Gram matrix.
 
@@ -238,6 +272,14 @@ def covariance_spectrum(
         scale: Positive factor applied to every eigenvalue and the trace.
         return_eigenvectors: Also return the top-``k`` eigenvectors in parameter space,
             ``e_i = C^T v_i / ||C^T v_i||`` for Gram eigenvectors ``v_i``.
+        gram_dtype: Precision of the ``(L, D)`` products. ``torch.float64`` (default)
+            converts cache-sized chunks, so float32 samples give their exact float64
+            spectrum. ``None`` multiplies in the samples' dtype: one matrix product, no
+            copy, several times faster at large ``D``, with a relative error of the Gram
+            entries of about ``eps * sqrt(D / 256)`` of the samples' dtype (and of
+            ``eps * ||mean||^2 / spread^2`` when the samples share a common vector much
+            larger than their spread), far below the sampling error of ``L`` gradients.
+            The ``L x L`` problem is float64 either way.
 
     Returns:
         A :class:`CovarianceSpectrum`. If all samples are identical every eigenvalue is 0
@@ -268,7 +310,9 @@ def covariance_spectrum(
         )
     scale = V.real("scale", scale, positive=True)
 
-    evals, trace, lift = _gram_eigh(samples)
+    if gram_dtype is not None and gram_dtype != torch.float64:
+        raise ValueError(f"gram_dtype must be torch.float64 or None (the samples' dtype), got {gram_dtype!r}")
+    evals, trace, lift = _gram_eigh(samples, gram_dtype)
     rank_cap = evals.numel()  # min(L - 1, D)
     norm = scale / (num - 1)
     padded = torch.zeros(num - 1, dtype=torch.float64)
@@ -281,7 +325,8 @@ def covariance_spectrum(
     if return_eigenvectors:
         j = min(k, rank_cap)
         vecs = torch.zeros(k, dim, dtype=samples.dtype, device=samples.device)
-        vecs[:j] = _unit_rows(lift(j), evals[:j], num).to(samples.dtype)
+        raw, norms = lift(j)
+        vecs[:j] = _unit_rows(raw, norms, evals[:j], num)
         eigenvectors = vecs
     return CovarianceSpectrum(
         eigenvalues=padded[:k] * norm,
@@ -309,8 +354,8 @@ def _chunked_products(vectors: Tensor, gradient: Tensor) -> tuple[Tensor, Tensor
     step = max(1, _CHUNK_ELEMENTS // max(k, 1))
     for start in range(0, dim, step):
         block = vectors[:, start : start + step].to(torch.float64)
-        gram += block @ block.T
-        proj += block @ gradient[start : start + step].to(torch.float64, copy=False)
+        gram.addmm_(block, block.T)
+        proj.addmv_(block, gradient[start : start + step].to(torch.float64))
     return gram.cpu(), proj.cpu()
 
 
@@ -349,14 +394,16 @@ def g_top5_ratio(gradient: Tensor, eigenvectors: Tensor) -> float:
             f"eigenvectors must have shape (k, D) with D = gradient.numel() = {g.numel()}, "
             f"got shape {tuple(eigenvectors.shape)}"
         )
-    if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(vectors).all())):
+    # Finiteness from the float64 norm and products (a nan or inf lands there): no
+    # separate pass over the vectors.
+    g_norm = float(torch.linalg.vector_norm(g, dtype=torch.float64))
+    gram, proj = _chunked_products(vectors, g)
+    if not (math.isfinite(g_norm) and bool(torch.isfinite(gram).all()) and bool(torch.isfinite(proj).all())):
         raise ValueError("gradient and eigenvectors must be finite")
-    g_norm = float(torch.linalg.vector_norm(g.to(torch.float64)))
     if g_norm == 0.0:
         return math.nan
     if vectors.shape[0] == 0:
         return math.inf
-    gram, proj = _chunked_products(vectors, g)
     # Orthonormal basis of the span: Lambda^{-1/2} W^T V, with V V^T = W Lambda W^T; drop
     # directions below roundoff so dependent or zero vectors cannot inflate g_5.
     lam, w = torch.linalg.eigh(gram)
@@ -614,7 +661,7 @@ class NoiseScaleTracker:
 
 def noise_metrics(
     samples: Tensor, gradient: Tensor | None, *, batch_size: int, k: int = 5,
-    scale: float | None = None,
+    scale: float | None = None, gram_dtype: torch.dtype | None = torch.float64,
 ) -> dict[str, float]:
     """The noise part of a measurement record (docs/contracts.md), in per-example units.
 
@@ -629,6 +676,7 @@ def noise_metrics(
             :func:`sgdbreak.estimators.samples.batch_mean_covariance_scale` for batches drawn from a
             small probe).
         k: Number of spectrum entries ``eig_K_1 .. eig_K_k``; capped at ``L - 1``.
+        gram_dtype: as in :func:`covariance_spectrum` (None: products in the samples' dtype).
 
     Returns:
         ``lambda1_K``, ``lambda_star_K``, ``trace_K``, ``cond_K``, ``stable_rank_K``, ``gns``,
@@ -660,10 +708,10 @@ def noise_metrics(
     n_vec = min(5, num - 1)
     spec = covariance_spectrum(
         samples, k=max(k_eff, n_vec), scale=batch_size if scale is None else scale,
-        return_eigenvectors=True,
+        return_eigenvectors=True, gram_dtype=gram_dtype,
     )
     grad_flat = gradient.reshape(-1)
-    grad_norm_sq = float(torch.linalg.vector_norm(grad_flat.to(torch.float64)) ** 2)
+    grad_norm_sq = float(torch.linalg.vector_norm(grad_flat, dtype=torch.float64) ** 2)
     record: dict[str, float] = {
         "lambda1_K": spec.lambda1,
         "lambda_star_K": spec.lambda_star,

@@ -420,18 +420,25 @@ class GradientNoise:
         samples: L, the number of gradient samples.
         batch_size: M (default ``min(128, N_probe // L)``: disjoint batches).
         k: number of ``eig_K_i`` entries.
+        gram_dtype: precision of the (L, D) Gram product
+            (:func:`~sgdbreak.estimators.noise.covariance_spectrum`): None (default) in the
+            gradients' dtype, one matrix product (docs/overhead.md); ``torch.float64`` for
+            the exact float64 spectrum of float32 samples.
     """
 
     name = "gradient_noise"
 
     def __init__(self, method: str = "microbatch", *, samples: int = 20, batch_size: int | None = None,
-                 k: int = 5):
+                 k: int = 5, gram_dtype: torch.dtype | None = None):
         if method not in ("microbatch", "per_example"):
             raise ValueError(f"GradientNoise: method must be 'microbatch' or 'per_example', got {method!r}")
         self.method = method
         self.samples = V.integer("GradientNoise: samples", samples, 2)
         self.batch_size = V.optional_integer("GradientNoise: batch_size", batch_size)
         self.k = V.integer("GradientNoise: k", k, 1)
+        if gram_dtype is not None and gram_dtype != torch.float64:
+            raise ValueError(f"GradientNoise: gram_dtype must be torch.float64 or None, got {gram_dtype!r}")
+        self.gram_dtype = gram_dtype
 
     def setup(self, probe: Probe, seed: int) -> None:
         n = probe.num_examples
@@ -451,9 +458,10 @@ class GradientNoise:
                                          batch_size=self.batch_size, generator=ctx.generator)
         gradient = ctx.gradient()
         if self.method == "per_example":
-            return noise_metrics(samples, gradient, batch_size=1, k=self.k)
+            return noise_metrics(samples, gradient, batch_size=1, k=self.k, gram_dtype=self.gram_dtype)
         scale = batch_mean_covariance_scale(probe.num_examples, self.batch_size, self.samples)
-        return noise_metrics(samples, gradient, batch_size=self.batch_size, k=self.k, scale=scale)
+        return noise_metrics(samples, gradient, batch_size=self.batch_size, k=self.k, scale=scale,
+                             gram_dtype=self.gram_dtype)
 
     def __repr__(self) -> str:
         return (f"GradientNoise({self.method!r}, samples={self.samples}, batch_size={self.batch_size}, "
