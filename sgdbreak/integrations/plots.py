@@ -9,7 +9,7 @@ matplotlib is imported lazily. Figures are built as ``matplotlib.figure.Figure``
 rendered by the Agg (PNG) and PDF canvases, never through ``pyplot``: no display is
 needed, the global backend is left alone and nothing accumulates in pyplot's registry.
 
-Example:
+Examples:
     >>> import tempfile
     >>> from sgdbreak import RunLog
     >>> from sgdbreak.integrations.plots import plot_run
