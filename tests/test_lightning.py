@@ -219,5 +219,8 @@ def test_ddp_strategy_on_two_cpu_processes_measures_the_global_probe(tmp_path):
         assert r["step"] == r["global_step"] == 6
     assert ranks[0]["history"] == ranks[1]["history"]  # every process records the same numbers
     assert [rec["step"] for rec in ranks[0]["history"]] == [2, 4, 6]
+    # A logger given with loggers= runs on rank 0 only.
+    assert (tmp_path / "logged_rank0.txt").read_text().split() == ["2", "4", "6"]
+    assert not (tmp_path / "logged_rank1.txt").exists()
     exact = ranks[0]["exact_lambda1_H"]
     assert math.isclose(ranks[0]["history"][-1]["lambda1_H"], exact, rel_tol=1e-5)

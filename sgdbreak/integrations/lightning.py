@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -93,7 +93,8 @@ class BreakEvenCallback(pl.Callback):
         **monitor_settings: keywords of :class:`~sgdbreak.BreakEvenMonitor` (``quantities``,
             ``measure_every``, ``cheap_every``, ``loggers``, ``seed``, ``steps_per_epoch``,
             ``measurements``, …). ``seed`` also draws the probe subset. ``steps_per_epoch``
-            defaults to the trainer's optimizer steps per epoch.
+            defaults to the trainer's optimizer steps per epoch. ``loggers`` are used on
+            global rank 0 only.
     """
 
     def __init__(
@@ -139,7 +140,7 @@ class BreakEvenCallback(pl.Callback):
         self.probe_kwargs = dict(probe_kwargs or {})
         self.optimizer_index = optimizer_index
         self.warmup_settings: dict[str, Any] | None = (
-            None if warmup is False else ({} if warmup is True else dict(warmup)))  # type: ignore[arg-type]
+            None if warmup is False else ({} if warmup is True else dict(warmup)))
         self.log_prefix = log_prefix
         self.prog_bar = frozenset(prog_bar)
         self.monitor_settings = monitor_settings
@@ -173,6 +174,8 @@ class BreakEvenCallback(pl.Callback):
                 probe = self.probe if self.probe is not None else self._build_probe(trainer, pl_module)
                 settings = dict(self.monitor_settings)
                 settings.setdefault("steps_per_epoch", _steps_per_epoch(trainer))
+                if not trainer.is_global_zero:  # files and tracker runs are written once, by rank 0
+                    settings["loggers"] = []
                 monitor = BreakEvenMonitor(probe, **settings)
             else:  # a second fit() with the same callback continues the measurements
                 monitor = self.monitor
@@ -365,7 +368,7 @@ def _probe_batch(loader: DataLoader, size: int, seed: int, *, multiple_of: int =
     collate = loader.collate_fn if loader.batch_size is not None else default_collate
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
         examples = []
-        for example in dataset:
+        for example in cast(Iterable[Any], dataset):
             examples.append(example)
             if len(examples) == size:
                 break

@@ -729,7 +729,7 @@ def _flag_true(record: Mapping[str, Any], flag: str | None) -> bool:
     value = record[flag]
     if isinstance(value, bool):
         return value
-    return isinstance(value, numbers.Real) and value >= 0.5
+    return isinstance(value, numbers.Real) and float(value) >= 0.5
 
 
 def _plain(value: Any) -> Any:

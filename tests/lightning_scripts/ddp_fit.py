@@ -17,10 +17,27 @@ from sgdbreak.integrations.lightning import BreakEvenCallback, _probe_batch
 from sgdbreak.testing import model_hessian
 
 
+class RankFile:
+    """A logger writing each record's step to ``logged_rank<r>.txt`` of the process it runs on."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def log_measurement(self, record):
+        with open(self.out / f"logged_rank{torch.distributed.get_rank()}.txt", "a") as f:
+            f.write(f"{int(record['step'])}\n")
+
+    def log_event(self, event):
+        pass
+
+    def close(self):
+        pass
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     cb = BreakEvenCallback(probe_size=48, measure_every=2, cheap_every=None, measurements=("hessian",),
-                           hessian_tol=1e-8, max_hvps=100, seed=3)
+                           hessian_tol=1e-8, max_hvps=100, seed=3, loggers=[RankFile(out)])
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=6, logger=False, callbacks=[cb],
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     module = TinyClassifier(lr=0.3)
