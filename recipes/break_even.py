@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "just below the edge of stability until --lr is stable or break-even passes) or "
                         "'linear:N' (linear warmup over N steps)")
     p.add_argument("--report-to", choices=["none", "wandb", "tensorboard", "all"], default="none",
-                   help="Accelerate tracker(s) to log to, besides the local run directory")
+                   help="trackers to log to besides the local run directory: W&B (through Accelerate), "
+                        "TensorBoard (event files in <run dir>/tensorboard) or both")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     return p
 
@@ -210,9 +211,13 @@ def train_one(lr: float, args, x, y, accelerator, run_dir: Path) -> dict:
     loggers = []
     if accelerator.is_main_process:
         loggers.append(RunLog(run_dir, config))
-        if args.report_to != "none":
+        if args.report_to in ("wandb", "all"):
             loggers.append(AccelerateLogger(accelerator))
-    if args.report_to != "none":
+        if args.report_to in ("tensorboard", "all"):  # scalars, spectra histograms, break-even text
+            from sgdbreak.integrations.tensorboard import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(run_dir / "tensorboard", config=config))
+    if args.report_to in ("wandb", "all"):
         accelerator.init_trackers("sgdbreak-break-even", config=config,
                                   init_kwargs={"wandb": {"mode": resolve_wandb_mode(), "name": run_dir.name}})
     opt = sgdbreak.BreakEvenSGD(
@@ -291,7 +296,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from accelerate import Accelerator
 
-    accelerator = Accelerator(log_with=None if args.report_to == "none" else args.report_to)
+    accelerator = Accelerator(log_with="wandb" if args.report_to in ("wandb", "all") else None)
     x, y = training_data(parser, args, accelerator.num_processes)
     out = Path(args.output_dir)
     summaries = []

@@ -556,7 +556,7 @@ class NoiseScaleTracker:
     """
 
     def __init__(self, beta: float = 0.95) -> None:
-        if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float, numbers.Real)):  # (int, float): for mypy
             raise TypeError(f"beta must be a real number in [0, 1), got {beta!r}")
         if not 0.0 <= float(beta) < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta!r}")

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from .rundir import RUN_FILES, Run, is_run_dir, read_run
 
@@ -195,7 +195,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             for (label, run), summary in zip(runs, summaries, strict=True)
         }
         print(json.dumps(out, indent=2))
-    plots = None
+    plots: Any = None
     if not args.no_plots:
         try:
             from . import plots
@@ -258,7 +258,7 @@ def _config_diff(a: dict, b: dict) -> list[str]:
     )
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -300,10 +300,10 @@ def _check(noisier: _Peak, other: _Peak, direction: int) -> tuple[str, str | Non
         return ("missing", None) if final_missing else ("inconclusive", note)
     if noisier.value == other.value:
         return ("tie", None) if note is None else ("inconclusive", note)
-    verdict = "agrees" if (noisier.value - other.value) * direction > 0 else "disagrees"
+    verdict = "agrees" if (noisier.value - other.value) * direction > 0 else "disagrees"  # type: ignore[operator]  # no None: returned above
     if note is None:
         return verdict, None
-    smaller = min(peaks, key=lambda p: p.value)
+    smaller = min(peaks, key=lambda p: p.value)  # type: ignore[arg-type, return-value]  # no None: returned above
     if smaller.bound != "final" or any(p.bound == "unknown" for p in peaks):
         return "inconclusive", note
     return verdict, f"{note}; its peak can only grow"
@@ -341,7 +341,8 @@ def compare_runs(
     summaries = {label: run.summarize(window=window) for label, run in runs}
     runs_by_label = dict(runs)
     others = {label: _other_config(run, ignore) for label, run in runs}
-    pairs, notes = [], []
+    pairs: list[dict[str, Any]] = []
+    notes: list[dict[str, Any]] = []
     partnered: set[str] = set()
     usable = []
     for label, run in runs:
@@ -393,7 +394,7 @@ def compare_runs(
         reason = (
             "the only run with lr/batch_size"
             if not diffs
-            else "other config keys differ from every other run: " + ", ".join(min(diffs, key=len))
+            else "other config keys differ from every other run: " + ", ".join(min(diffs, key=len))  # type: ignore[arg-type]  # lists of str
         )
         notes.append({"run": label, "reason": reason})
     verdicts = [c["verdict"] for p in pairs for c in p["checks"]]

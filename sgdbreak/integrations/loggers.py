@@ -213,7 +213,7 @@ class WandbLogger(_Bookkeeping):
             self.run = wandb.init(
                 project=project,
                 config=_to_jsonable(dict(config or {})),
-                mode=self.mode,
+                mode=self.mode,  # type: ignore[arg-type]  # one of wandb's modes, or what the user asked for
                 **init_kwargs,
             )
             self._owns_run = True

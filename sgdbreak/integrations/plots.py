@@ -9,7 +9,7 @@ matplotlib is imported lazily. Figures are built as ``matplotlib.figure.Figure``
 rendered by the Agg (PNG) and PDF canvases, never through ``pyplot``: no display is
 needed, the global backend is left alone and nothing accumulates in pyplot's registry.
 
-Example:
+Examples:
     >>> import tempfile
     >>> from sgdbreak import RunLog
     >>> from sgdbreak.integrations.plots import plot_run
@@ -220,7 +220,7 @@ def plot_run(
             ax.axhline(2.0, ls=":", color="gray", lw=1.0, label=r"$\alpha^* = 2$")
         if event_x is not None:
             ax.axvline(
-                event_x, color="C3", ls="-.", lw=1.2, label=f"break-even ({event.get('rule')})"
+                event_x, color="C3", ls="-.", lw=1.2, label=f"break-even ({(event or {}).get('rule')})"
             )
         _setup_axis(ax, key, x, plotted)
     axes[0].legend(fontsize=7)
@@ -317,7 +317,8 @@ def plot_learning_rate(
     for rec in run.records:
         lr, ratio, xv = rec.get("lr"), rec.get("stability_ratio"), rec.get(x)
         converged = rec.get("hessian_converged", rec.get("preconditioned_converged", 1.0))
-        if all(isinstance(v, (int, float)) for v in (lr, ratio, xv)) and ratio > 0 and converged:
+        if (isinstance(lr, (int, float)) and isinstance(ratio, (int, float)) and isinstance(xv, (int, float))
+                and ratio > 0 and converged):
             edge_x.append(float(xv))
             edges.append(lr / ratio)
     fig, (ax,) = _new_figure(1)

@@ -129,7 +129,7 @@ class ReplicaNoise:
         self.accelerator, self.spectrum_every, self.k, self.sketch = accelerator, spectrum_every, k, sketch
         self.grad_scaler = grad_scaler if grad_scaler is not None else getattr(accelerator, "scaler", None)
         module = _unwrap_model(model, None)
-        self.params = [p for p in module.parameters() if p.requires_grad] if params is None else list(params)
+        self.params: list[Tensor] = [p for p in module.parameters() if p.requires_grad] if params is None else list(params)
         if not self.params:
             raise ValueError("no parameter requires grad")
         self.tracker = NoiseScaleTracker(beta)

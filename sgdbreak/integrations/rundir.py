@@ -6,7 +6,7 @@ flushed JSON line per record or event) and ``summary.json`` at close; it is a lo
 duplicated or lost records. :func:`read_run` reads a directory back, also while it is
 written or after its writer was killed (see ``docs/contracts.md``).
 
-Example:
+Examples:
     >>> import tempfile
     >>> from sgdbreak import RunLog, read_run
     >>> with tempfile.TemporaryDirectory() as d:

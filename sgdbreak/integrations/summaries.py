@@ -84,7 +84,7 @@ def _check_window(window: Any) -> None:
         raise ValueError(f"window must be a positive integer, got {window!r}")
 
 
-def moving_average(values: Sequence[float], window: int = 5) -> np.ndarray:
+def moving_average(values: Sequence[float] | np.ndarray, window: int = 5) -> np.ndarray:
     """Centered moving average; near the ends it averages over the points available.
 
     Centered (not trailing) so that smoothed peaks stay at the step where they happen.

@@ -143,7 +143,7 @@ def adam_stability_threshold(beta1: float = 0.9, *, lr: float = 0.0,
         decoupled_weight_decay: AdamW's wd >= 0 (coupled decay belongs in H instead).
 
     Example:
-        >>> adam_stability_threshold(0.9)
+        >>> round(adam_stability_threshold(0.9), 9)
         38.0
     """
     beta = V.real("beta1", beta1)
@@ -729,7 +729,7 @@ def _flag_true(record: Mapping[str, Any], flag: str | None) -> bool:
     value = record[flag]
     if isinstance(value, bool):
         return value
-    return isinstance(value, numbers.Real) and value >= 0.5
+    return isinstance(value, numbers.Real) and float(value) >= 0.5
 
 
 def _plain(value: Any) -> Any:

@@ -19,6 +19,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -82,6 +83,7 @@ def quantities_from_settings(
     if "trace" in chosen:
         out.append(q.HessianTrace(trace_samples))
     if "curvature_variance" in chosen:
+        assert dataset_size is not None and batch_size is not None  # checked above
         out.append(q.CurvatureVariance(dataset_size=dataset_size, batch_size=batch_size,
                                        groups=curvature_groups))
     if "noise" in chosen:
@@ -245,7 +247,7 @@ class BreakEvenMonitor:
             out.update(record)
         result = self.break_even
         out["break_even_reached"] = float(result.reached)
-        if result.reached:
+        if result.reached and result.step is not None:
             out["break_even_step"] = float(result.step)
         return out
 
@@ -335,7 +337,8 @@ class BreakEvenMonitor:
         self.bind(optimizer)
         self._attached = [
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.before_step()),
-            optimizer.register_step_post_hook(lambda opt, args, kwargs: self.after_step()),
+            optimizer.register_step_post_hook(  # torch ignores what a post-hook returns
+                lambda opt, args, kwargs: self.after_step()),  # type: ignore[arg-type]
         ]
         return self
 
@@ -442,7 +445,7 @@ class BreakEvenMonitor:
         _call_all(self._logger_calls(event))
 
     def _logger_calls(self, event: Mapping[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
-        return [(f"logger {lg!r}", lambda lg=lg: lg.log_event(event)) for lg in self.loggers]
+        return [(f"logger {lg!r}", partial(lg.log_event, event)) for lg in self.loggers]
 
     def _process(self, record: dict[str, float]) -> None:
         """Update the state first, then tell everyone; a failing consumer loses nothing.
@@ -462,14 +465,14 @@ class BreakEvenMonitor:
         event = result.to_event() if result.reached and not reached_before else None
         if event is not None:
             self.events.append(event)
-        calls = [(f"trigger {t!r}", lambda t=t, mode=mode: _observe(t, mode, record, result.reached))
+        calls: list[tuple[str, Callable[[], Any]]] = [(f"trigger {t!r}", partial(_observe, t, mode, record, result.reached))
                  for (_, t), mode in zip(self._triggers(), self._observe_modes)]
-        calls += [(f"logger {lg!r}", lambda lg=lg: lg.log_measurement(record)) for lg in self.loggers]
-        calls += [(f"measurement hook {fn!r}", lambda fn=fn: fn(record))
+        calls += [(f"logger {lg!r}", partial(lg.log_measurement, record)) for lg in self.loggers]
+        calls += [(f"measurement hook {fn!r}", partial(fn, record))
                   for fn in list(self._measurement_hooks.values())]
         if event is not None:
             calls += self._logger_calls(event)
-            calls += [(f"break-even hook {fn!r}", lambda fn=fn: fn(result))
+            calls += [(f"break-even hook {fn!r}", partial(fn, result))
                       for fn in list(self._break_even_hooks.values())]
         _call_all(calls)
 

@@ -257,6 +257,7 @@ class Sharpness(_WarmLanczos):
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         res = self._solve(ctx.hessian_operator(), ctx)
+        assert self.warm_vectors is not None  # set by the solve
         ctx.top_eigenvector = self.warm_vectors[0]
         out = {"lambda1_H": float(res.eigenvalues[0]), "hessian_converged": float(res.converged)}
         for i, value in enumerate(res.eigenvalues.tolist()):
@@ -318,6 +319,7 @@ class PreconditionedSharpness(_WarmLanczos):
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
         _require_adam(ctx.rule, ctx.optimizer)
+        assert ctx.optimizer is not None  # checked by _require_adam
         op = ctx.hessian_operator()
         d, w = ur.adam_scaling(ctx.optimizer, ctx.params, ctx.hyper.get("group", 0), ctx.gradient)
         shift = (w * d * d).to(dtype=op.dtype, device=op.device)
@@ -453,14 +455,15 @@ class GradientNoise:
         from ..estimators.noise import noise_metrics
         from ..estimators.samples import batch_mean_covariance_scale
 
-        probe = ctx.probe
+        probe, batch_size = ctx.probe, self.batch_size
+        assert batch_size is not None  # resolved by setup()
         samples = probe.gradient_samples(method=self.method, num_samples=self.samples,
-                                         batch_size=self.batch_size, generator=ctx.generator)
+                                         batch_size=batch_size, generator=ctx.generator)
         gradient = ctx.gradient()
         if self.method == "per_example":
             return noise_metrics(samples, gradient, batch_size=1, k=self.k, gram_dtype=self.gram_dtype)
-        scale = batch_mean_covariance_scale(probe.num_examples, self.batch_size, self.samples)
-        return noise_metrics(samples, gradient, batch_size=self.batch_size, k=self.k, scale=scale,
+        scale = batch_mean_covariance_scale(probe.num_examples, batch_size, self.samples)
+        return noise_metrics(samples, gradient, batch_size=batch_size, k=self.k, scale=scale,
                              gram_dtype=self.gram_dtype)
 
     def __repr__(self) -> str:
@@ -576,8 +579,9 @@ class UpdateSharpness:
             exact = b.double() + 2 * (p.detach().double() - b.double())
             off_line_sq += float((point_along(b, p.detach(), 2.0).double() - exact).pow(2).sum())
         grads = [p.grad for p in params]
+        grad_sq: float
         if all(g is not None for g in grads):
-            grad_sq = sum(float(_dense(g).double().pow(2).sum()) for g in grads)
+            grad_sq = sum(float(_dense(g).double().pow(2).sum()) for g in grads if g is not None)
         else:
             grad_sq = delta_sq / lr**2 if lr > 0 else math.inf
         return rounding + math.sqrt(grad_sq * off_line_sq)
@@ -621,11 +625,12 @@ class AlphaStar:
         _needs_two("AlphaStar", f"examples={len(self.indices)}", len(self.indices), probe)
 
     def compute(self, ctx: MeasurementContext) -> dict[str, float]:
-        if ctx.before is None:
+        before = ctx.before
+        if before is None:
             return {}
 
         def loss(alpha: float) -> float:
-            return losses_along(ctx.probe, self.indices, ctx.before, (alpha,))[0]
+            return losses_along(ctx.probe, self.indices, before, (alpha,))[0]
 
         target = self.rise * loss(0.0)
         lo, hi = 0.0, 1.0

@@ -24,8 +24,8 @@ class BreakEvenAdam(MonitoredOptimizerMixin, torch.optim.Adam):
     """Adam (torch's, unchanged) plus λ1^H, λ1_PH, the noise spectrum and break-even detection.
 
     Args:
-        params, lr, betas, eps, weight_decay, amsgrad, foreach, maximize, capturable,
-            differentiable, fused, decoupled_weight_decay: exactly as :class:`torch.optim.Adam`.
+        params, lr, betas, eps, weight_decay, amsgrad, foreach, maximize, capturable, differentiable, fused, decoupled_weight_decay: exactly
+            as :class:`torch.optim.Adam`.
         probe: a :class:`~sgdbreak.Probe` to measure on; None turns measurement off.
         measure_every: full-measurement trigger (int steps, a ``step -> bool`` callable,
             None, or the adaptive default); see :class:`~sgdbreak.BreakEvenMonitor`.
@@ -70,8 +70,8 @@ class BreakEvenAdamW(MonitoredOptimizerMixin, torch.optim.AdamW):
     lowers Adam's edge slightly (:func:`~sgdbreak.measurement.breakeven.adam_stability_threshold`).
 
     Args:
-        params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable,
-            differentiable, fused: exactly as :class:`torch.optim.AdamW`.
+        params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused: exactly
+            as :class:`torch.optim.AdamW`.
         probe: a :class:`~sgdbreak.Probe` to measure on; None turns measurement off.
         measure_every: full-measurement trigger (int steps, a ``step -> bool`` callable,
             None, or the adaptive default); see :class:`~sgdbreak.BreakEvenMonitor`.

@@ -51,10 +51,10 @@ class MonitoredOptimizerMixin:
     def _bind_monitor(self, monitor: BreakEvenMonitor | None) -> None:
         self.monitor = monitor
         if monitor is not None:
-            monitor.bind(self)  # group index, maximize, the probe's parameters, the quantities
+            monitor.bind(self)  # type: ignore[arg-type]  # the mixin always comes with a torch Optimizer; group index, maximize, the probe's parameters, the quantities
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None):
         """One step of the torch optimizer, then a measurement if a trigger fires."""
         if self.monitor is None:
             return super().step(closure)  # type: ignore[misc]
@@ -118,7 +118,7 @@ class MonitoredOptimizerMixin:
         monitor_state = state_dict.pop(STATE_KEY, None)
         if monitor_state is not None and self.monitor is None:
             raise ValueError("the state holds sgdbreak measurements but this optimizer has no probe")
-        load_monitor = self.monitor.prepare_load(monitor_state) if monitor_state is not None else None
+        load_monitor = self._require_monitor().prepare_load(monitor_state) if monitor_state is not None else None
         super().load_state_dict(state_dict)  # type: ignore[misc]
         if load_monitor is not None:
             load_monitor()

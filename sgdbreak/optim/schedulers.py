@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
 from ..measurement.monitor import BreakEvenMonitor
@@ -77,7 +78,7 @@ class MonitoredLR(LRScheduler):
         self.monitor_step = self.monitor.step
         super().step()
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | Tensor]:
         factor = self.lr_lambda(self.monitor)
         if isinstance(factor, bool) or not isinstance(factor, int | float) or not math.isfinite(factor) or factor < 0:
             raise ValueError(f"lr_lambda must return a finite number >= 0, got {factor!r}")

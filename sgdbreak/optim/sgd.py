@@ -23,8 +23,8 @@ class BreakEvenSGD(MonitoredOptimizerMixin, torch.optim.SGD):
     """SGD (torch's, unchanged) plus online λ1^H, noise spectrum and break-even detection.
 
     Args:
-        params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach,
-            differentiable, fused: exactly as :class:`torch.optim.SGD`.
+        params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused: exactly
+            as :class:`torch.optim.SGD`.
         probe: a :class:`~sgdbreak.Probe` to measure on; None turns measurement off.
         measure_every: full-measurement trigger (int steps, a ``step -> bool`` callable,
             None, or the adaptive default); see :class:`~sgdbreak.measurement.monitor.BreakEvenMonitor`.

@@ -92,7 +92,7 @@ def suggest_lr(
     model: nn.Module,
     criterion: Callable,
     data: Any,
-    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.SGD,
+    optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
     *,
     margin: float = 0.9,
     tol: float = 1e-3,

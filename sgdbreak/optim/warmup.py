@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
 from .. import _validation as V
@@ -152,18 +153,18 @@ class BreakEvenWarmup(LRScheduler):
         steps = 0 if self.monitor_step is None else self.monitor.step - self.monitor_step
         self.monitor_step = self.monitor.step
         if self.phase == "after":
-            self._last_lr = self._advance_after()
+            self._last_lr = list(self._advance_after())
             return
         if self.phase == "guarded":  # ``after`` runs, capped by the edge until break-even
             uncapped = self._advance_after()
             self._follow_measurements()
-            self._rise(uncapped[self.monitor.group], steps)
+            self._rise(float(uncapped[self.monitor.group]), steps)
             self._set_lrs([lr * self.fraction for lr in uncapped])
             if self._break_even_settled():
                 self._hand_over("break_even", scale=self.fraction, event="warmup_release")
             return
         self._follow_measurements()
-        self._rise(self.base_lrs[self.monitor.group], steps)
+        self._rise(float(self.base_lrs[self.monitor.group]), steps)
         super().step()
         if self.fraction >= 1.0:
             self.phase = "guarded"
@@ -182,19 +183,19 @@ class BreakEvenWarmup(LRScheduler):
     def _advance_after(self, *, start: bool = False) -> list[float]:
         """``after``'s own (uncapped) learning rates, one step on (its start when ``start``)."""
         if self.after is None:
-            return list(self.base_lrs)
+            return [float(lr) for lr in self.base_lrs]
         if not start:
             for group, lr in zip(self.optimizer.param_groups, self.after.get_last_lr()):
                 group["lr"] = lr  # chainable schedulers step from the group's lr
             self.after.step()
-        return list(self.after.get_last_lr())
+        return [float(lr) for lr in self.after.get_last_lr()]
 
     def _set_lrs(self, lrs: list[float]) -> None:
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
         self._last_lr = list(lrs)
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | Tensor]:
         return [base * self.fraction for base in self.base_lrs]
 
     def _follow_measurements(self) -> None:
@@ -235,7 +236,7 @@ class BreakEvenWarmup(LRScheduler):
         self.lowest_loss = min(self.lowest_loss, loss)
         return False
 
-    def _back_off(self, step: int, reason: str) -> None:
+    def _back_off(self, step: float, reason: str) -> None:
         self.fraction *= self.backoff
         self.ramp = self.fraction  # the ramp starts again from the rate backed off to
         self.above_edge = 0
@@ -245,7 +246,7 @@ class BreakEvenWarmup(LRScheduler):
     def _break_even_settled(self) -> bool:
         """Break-even detected, and a full measurement after it is back below the edge."""
         result = self.monitor.break_even
-        if not result.reached:
+        if not result.reached or result.detected_at is None:
             return False
         return any(r["step"] > result.detected_at and 0 <= r.get("stability_ratio", math.inf) < 1
                    for r in self.monitor.history)
@@ -255,10 +256,10 @@ class BreakEvenWarmup(LRScheduler):
         self.phase = "after"
         if self.after is not None:
             self.after.base_lrs = [base * scale for base in self.after.base_lrs]
-            lrs = [lr * scale for lr in self.after.get_last_lr()]
+            lrs = [float(lr) * scale for lr in self.after.get_last_lr()]
             self.after._last_lr = list(lrs)
         else:
-            lrs = [base * scale for base in self.base_lrs]
+            lrs = [float(base) * scale for base in self.base_lrs]
         self._set_lrs(lrs)
         self.monitor.log_event({"event": event, "step": self.monitor.step, "reason": reason,
                                 "fraction": self.fraction, "lr": lrs[self.monitor.group]})
@@ -275,7 +276,7 @@ class BreakEvenWarmup(LRScheduler):
         after = state.pop("after", None)
         if (after is None) != (self.after is None):
             raise ValueError("the state was saved with a different `after` scheduler (present vs absent)")
-        if after is not None:
+        if after is not None and self.after is not None:
             self.after.load_state_dict(after)
         self.__dict__.update(state)
 

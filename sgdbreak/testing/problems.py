@@ -154,6 +154,7 @@ def tiny_problem(
     gen = torch.Generator().manual_seed(data_seed)
     shape = (num_examples, 1, features, features) if kind == "cnn" else (num_examples, features)
     inputs = torch.randn(shape, generator=gen, dtype=dtype)
+    criterion: nn.Module
     if loss == "cross_entropy":
         targets = torch.randint(0, outputs, (num_examples,), generator=gen)
         criterion = nn.CrossEntropyLoss()

@@ -101,7 +101,7 @@ _IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 _IMDB_ARCHIVE = "aclImdb_v1.tar.gz"
 _IMDB_MD5 = "7c2ac02c03563afcf9b574c7e56c153a"
 
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),

@@ -316,7 +316,7 @@ class ResNetCIFAR(nn.Module):
             glorot_uniform_(self)
         if not batchnorm:
             for block in self.blocks:
-                nn.init.zeros_(block.conv2.weight)
+                nn.init.zeros_(block.conv2.weight)  # type: ignore[union-attr, arg-type]  # a BasicBlock's conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map images (N, C, H, W) to logits (N, num_classes); any H, W ≥ 4 works."""
