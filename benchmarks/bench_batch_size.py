@@ -197,6 +197,53 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def figure(results: list[dict], path: Path) -> None:
+    """Per data set and rule: test accuracy against optimizer steps (seed 0) and the controller's S."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no figure")
+        return
+    panels = sorted({(r["dataset"], r["rule"]) for r in results if r["method"] != "plain"})
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.4 * len(panels), 6.4), squeeze=False)
+    for col, (dataset, rule) in enumerate(panels):
+        runs = [r for r in results if (r["dataset"], r["rule"]) == (dataset, rule)]
+        first = min(r["seed"] for r in runs)
+        ax = axes[0][col]
+        for r in sorted(runs, key=lambda r: (r["method"] != "fixed", r["size"])):
+            if r["seed"] != first:
+                continue
+            label = f"fixed S={r['size']}" if r["method"] == "fixed" else "controller"
+            ax.plot([c[0] for c in r["curve"]], [c[2] for c in r["curve"]], "-" if r["method"] == "fixed" else "k-",
+                    lw=1.2 if r["method"] == "fixed" else 2.0, label=label)
+        ax.axhline(runs[0]["target"], color="gray", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_ylim(max(0.0, runs[0]["target"] - 0.2), 1.0)
+        ax.set_xlabel("optimizer steps")
+        ax.set_ylabel(f"test accuracy (seed {first})")
+        ax.set_title(f"{dataset}, lr rule {rule}")
+        ax.legend(fontsize=7)
+        ax = axes[1][col]
+        for r in runs:
+            if r["method"] != "controller":
+                continue
+            xs = [step for step, _ in r["sizes"]] + [r["steps"]]
+            ys = [size for _, size in r["sizes"]] + [r["sizes"][-1][1]]
+            ax.step(xs, ys, where="post", label=f"seed {r['seed']}")
+            if r.get("break_even_step") is not None:
+                ax.axvline(r["break_even_step"], color="C3", ls=":", lw=0.8)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("optimizer steps (dotted: break-even step)")
+        ax.set_ylabel("controller batch size S")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"figure: {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="digits")
@@ -206,11 +253,24 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-every", type=float, default=0.25, help="test accuracy every this many epochs")
     parser.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--replot", default=None, help="only redraw the figure of this result JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        figure(json.loads(Path(args.replot).read_text())["results"], Path(args.replot).with_suffix(".png"))
+        return 0
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     names = args.datasets.split(",")
     results = []
+    out = Path(args.output or RESULTS / f"batch_size_{'_'.join(names)}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> list[dict]:  # after every run: a long benchmark that is stopped keeps what it measured
+        rows = summarize(results)
+        out.write_text(json.dumps({"argv": sys.argv[1:], "settings": SETTINGS, "results": results, "rows": rows},
+                                  indent=1, default=str))
+        return rows
+
     for dataset in names:
         epochs = args.epochs or (0.5 if args.quick else SETTINGS[dataset]["epochs"])
         s0 = SETTINGS[dataset]["batch"]
@@ -223,13 +283,11 @@ def main(argv=None) -> int:
                     print(f"{dataset} {rule} seed={seed} {method} S={size}: acc={r['final_accuracy']:.3f} "
                           f"steps={r['steps']} to-target={r['steps_to_target']} final S={r['sizes'][-1][1]} "
                           f"be={r.get('break_even_step')} {r['seconds']:.1f}s ({r['cpu_seconds']:.1f}s CPU)", flush=True)
+                    save()
         results.append(run(dataset, "plain", "none", s0, seeds[0], epochs, args.eval_every, measure=False))
-    rows = summarize(results)
-    out = Path(args.output or RESULTS / f"batch_size_{'_'.join(names)}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"argv": sys.argv[1:], "settings": SETTINGS, "results": results, "rows": rows},
-                              indent=1, default=str))
+    rows = save()
     print(markdown(rows))
+    figure(results, out.with_suffix(".png"))
     print(f"written: {out}")
     return 0
 

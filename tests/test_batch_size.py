@@ -440,3 +440,69 @@ def test_recipe_batch_size_policy_logs_the_controller_and_refuses_warmup(tmp_pat
     with pytest.raises(SystemExit) as info:
         recipe.main([*argv[:-2], "--warmup", "auto", "--output-dir", str(tmp_path)])
     assert info.value.code == 2 and "--warmup none" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- accumulation, one process
+
+
+def _accumulation_run(epochs, state=None, save_after=None):
+    """One process, micro-batch 4, S = 4·A: epochs of BreakEvenAccumulation under Accelerate."""
+    import sys
+    from pathlib import Path
+
+    accelerate = pytest.importorskip("accelerate")
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed_scripts"))
+    import batch_size_common as C
+
+    from sgdbreak.integrations.accumulation import BreakEvenAccumulation
+
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = C.mlp()
+    opt = C.optimizer(model, Probe(model, C.CRITERION, C.data(C.PROBE, 1)), measure_every=4, hessian_tol=1e-4,
+                      max_hvps=15)
+    loader = DataLoader(C.Indexed(), batch_size=4, sampler=C.EpochPermutation(C.TRAIN))
+    model, popt, loader = accelerator.prepare(model, opt, loader)
+    accumulation = BreakEvenAccumulation(accelerator, popt, micro_batch_size=4, batch_size=4, max_batch_size=32,
+                                         lr_rule="linear", micro_batches_per_epoch=len(loader))
+    first = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        popt.load_state_dict(state["opt"])
+        accumulation.load_state_dict(state["accumulation"])
+        first = state["epoch"]
+    steps, current, saved = [], [], None
+    for epoch in range(first, epochs):
+        loader.set_epoch(epoch)
+        for x, y, idx in loader:
+            with accumulation.accumulate(model):
+                current += idx.tolist()
+                accelerator.backward(C.CRITERION(model(x), y))
+                popt.step()
+                popt.zero_grad()
+            if accelerator.sync_gradients:
+                steps.append((current, accumulation.accumulation_steps, popt.param_groups[0]["lr"]))
+                current = []
+        if epoch + 1 == save_after:
+            buffer = io.BytesIO()
+            torch.save({"model": model.state_dict(), "opt": popt.state_dict(),
+                        "accumulation": accumulation.state_dict(), "epoch": epoch + 1}, buffer)
+            buffer.seek(0)
+            saved = torch.load(buffer, weights_only=True)
+    return steps, opt, [p.detach().clone() for p in model.parameters()], saved
+
+
+def test_accumulation_on_one_process_counts_optimizer_steps_and_resumes_exactly():
+    steps, opt, params, saved = _accumulation_run(2, save_after=1)
+    assert opt.monitor.step == len(steps)  # optimizer steps, not micro-steps
+    counts = [a for _, a, _ in steps]
+    assert max(counts) > 1 and all(len(idx) == 4 * a for idx, a, _ in steps)
+    changes = [e for e in opt.monitor.events if e["event"] == "batch_size_change"]
+    assert changes and all(e["accumulation_steps"] * 4 == e["batch_size"] for e in changes)
+    for e in changes:  # the linear rule, unless the edge held it back
+        assert 1 <= e["lr_factor"] <= e["batch_size"] / 4 and e["lr"] == pytest.approx(0.1 * e["lr_factor"])
+    assert {lr for *_, lr in steps} == {0.1} | {e["lr"] for e in changes}
+    # Resume at the end of epoch 1 from state_dicts: the rest is identical.
+    rest, opt2, params2, _ = _accumulation_run(2, state=saved)
+    assert rest == steps[len(steps) - len(rest):]
+    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+    assert opt2.monitor.events == opt.monitor.events

@@ -63,9 +63,9 @@ class EpochPermutation(Sampler[int]):
         return self.n
 
 
-def optimizer(model: nn.Module, probe) -> BreakEvenSGD:
+def optimizer(model: nn.Module, probe, **settings) -> BreakEvenSGD:
     detector = BreakEvenDetector(rules=("stability",), stability_keys=("stability_ratio",),
                                  stability_threshold=1e-9, confirm=1)  # break-even at the first measurement
-    return BreakEvenSGD(model.parameters(), lr=LR, momentum=0.5, probe=probe, measure_every=3, cheap_every=None,
-                        measurements=("hessian", "noise"), noise_samples=6, hessian_tol=1e-10, max_hvps=60,
-                        seed=3, detector=detector)
+    settings = {"measure_every": 3, "hessian_tol": 1e-10, "max_hvps": 60, **settings}
+    return BreakEvenSGD(model.parameters(), lr=LR, momentum=0.5, probe=probe, cheap_every=None,
+                        measurements=("hessian", "noise"), noise_samples=6, seed=3, detector=detector, **settings)
