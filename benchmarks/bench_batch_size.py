@@ -254,7 +254,17 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
     parser.add_argument("--output", default=None)
     parser.add_argument("--replot", default=None, help="only redraw the figure of this result JSON")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="only merge these result JSONs (e.g. one per seed, run in parallel) into --output")
     args = parser.parse_args(argv)
+    if args.merge:
+        merged = [r for path in args.merge for r in json.loads(Path(path).read_text())["results"]]
+        out = Path(args.output)
+        out.write_text(json.dumps({"argv": sys.argv[1:], "settings": SETTINGS, "results": merged,
+                                   "rows": summarize(merged)}, indent=1, default=str))
+        print(markdown(summarize(merged)))
+        figure(merged, out.with_suffix(".png"))
+        return 0
     if args.replot:
         figure(json.loads(Path(args.replot).read_text())["results"], Path(args.replot).with_suffix(".png"))
         return 0
