@@ -19,6 +19,7 @@ SGD without momentum, batch 128, seed 0. Each run writes ``config.json``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -109,6 +110,18 @@ def make_warmup(spec: str, opt):
     return None
 
 
+def make_batch_size_policy(args, accelerator, opt, micro_batches_per_epoch: int):
+    """``--batch-size-policy``: None ('fixed'), or gradient accumulation that follows break-even and the noise."""
+    if args.batch_size_policy == "fixed":
+        return None
+    from sgdbreak.integrations.accumulation import BreakEvenAccumulation
+
+    start = args.batch_size * accelerator.num_processes
+    return BreakEvenAccumulation(accelerator, opt, micro_batch_size=args.batch_size, batch_size=start,
+                                 max_batch_size=args.max_batch_size or 16 * start, lr_rule=args.batch_size_policy,
+                                 micro_batches_per_epoch=micro_batches_per_epoch)
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -142,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="early-phase lr: 'none' (the --lr from step 1), 'auto' (sgdbreak.BreakEvenWarmup: "
                         "just below the edge of stability until --lr is stable or break-even passes) or "
                         "'linear:N' (linear warmup over N steps)")
+    p.add_argument("--batch-size-policy", choices=["fixed", "linear", "sqrt", "adascale"], default="fixed",
+                   help="'fixed': --batch-size throughout; otherwise sgdbreak's batch-size controller (after "
+                        "break-even the global batch grows towards the noise scale by gradient accumulation, "
+                        "the lr rescaled by this rule; docs/batch_size.md)")
+    p.add_argument("--max-batch-size", type=positive_int, default=None,
+                   help="largest global batch of --batch-size-policy (default 16 × the starting batch)")
     p.add_argument("--report-to", choices=["none", "wandb", "tensorboard", "all"], default="none",
                    help="trackers to log to besides the local run directory: W&B (through Accelerate), "
                         "TensorBoard (event files in <run dir>/tensorboard) or both")
@@ -207,7 +226,7 @@ def train_one(lr: float, args, x, y, accelerator, run_dir: Path) -> dict:
               "probe_size": probe.num_examples, "init": args.init, "model": "SimpleCNN",
               "measure_every": args.measure_every or "adaptive", "cheap_every": args.cheap_every,
               "measurements": list(args.measure), "processes": accelerator.num_processes,
-              "warmup": args.warmup}
+              "warmup": args.warmup, "batch_size_policy": args.batch_size_policy}
     loggers = []
     if accelerator.is_main_process:
         loggers.append(RunLog(run_dir, config))
@@ -232,6 +251,7 @@ def train_one(lr: float, args, x, y, accelerator, run_dir: Path) -> dict:
     model, opt = accelerator.prepare(model, opt)
     inner = prepare_monitor(accelerator, opt).optimizer
     scheduler = make_warmup(args.warmup, opt)
+    policy = make_batch_size_policy(args, accelerator, opt, steps_per_epoch)
     bar = None
     if accelerator.is_main_process and not args.no_progress:
         from tqdm.auto import tqdm
@@ -243,10 +263,13 @@ def train_one(lr: float, args, x, y, accelerator, run_dir: Path) -> dict:
             # Same shuffled global batch on every process; each takes its slice.
             xb = xb[rank * args.batch_size:(rank + 1) * args.batch_size].to(accelerator.device)
             yb = yb[rank * args.batch_size:(rank + 1) * args.batch_size].to(accelerator.device)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(xb), yb)
-            accelerator.backward(loss)
-            opt.step()
+            with policy.accumulate(model) if policy else contextlib.nullcontext():
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                accelerator.backward(loss)
+                opt.step()
+                opt.zero_grad()
+            if not accelerator.sync_gradients:
+                continue  # a micro-step of --batch-size-policy's gradient accumulation
             if scheduler is not None:
                 scheduler.step()
             step += 1
@@ -294,6 +317,8 @@ def fmt(value, spec=".3g") -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.batch_size_policy != "fixed" and args.warmup != "none":
+        parser.error("--batch-size-policy rescales the lr itself: use it with --warmup none")
     from accelerate import Accelerator
 
     accelerator = Accelerator(log_with="wandb" if args.report_to in ("wandb", "all") else None)

@@ -40,6 +40,7 @@ from .estimators.noise import (
     noise_metrics,
 )
 from .integrations.accelerate import prepare_monitor
+from .integrations.accumulation import BreakEvenAccumulation
 from .integrations.collectives import check_world_size, is_main_process
 from .integrations.distributed_probe import DistributedProbe
 from .integrations.replica_noise import ReplicaNoise
@@ -69,6 +70,8 @@ from .measurement.quantities import (
 )
 from .optim import schedulers
 from .optim.adam import BreakEvenAdam, BreakEvenAdamW
+from .optim.batch_sampler import BreakEvenBatchSampler
+from .optim.batch_size import BatchSizeController
 from .optim.schedulers import MonitoredLR
 from .optim.sgd import BreakEvenSGD
 from .optim.suggest import EdgeEstimate, edge_learning_rate, suggest_lr
@@ -78,9 +81,12 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AlphaStar",
+    "BatchSizeController",
     "BatchNormGamma",
+    "BreakEvenAccumulation",
     "BreakEvenAdam",
     "BreakEvenAdamW",
+    "BreakEvenBatchSampler",
     "BreakEvenDetector",
     "BreakEvenMonitor",
     "BreakEvenResult",

@@ -221,6 +221,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
                 result.figure.clear()
                 if not args.json:
                     print(f"  learning-rate figure: {', '.join(str(p) for p in result.paths)}")
+            if any(e.get("event") == "batch_size_start" for e in run.events):
+                result = plots.plot_batch_size(run, f"{stem}_batch", x=args.x, formats=args.formats)
+                result.figure.clear()
+                if not args.json:
+                    print(f"  batch-size figure: {', '.join(str(p) for p in result.paths)}")
         if not args.json:
             print()
     if plots is not None and args.out is not None and len(runs) > 1:

@@ -40,6 +40,7 @@ __all__ = [
     "PANELS",
     "PlotResult",
     "edge_sharpness",
+    "plot_batch_size",
     "plot_comparison",
     "plot_learning_rate",
     "plot_run",
@@ -338,4 +339,48 @@ def plot_learning_rate(
     ax.set_ylabel("learning rate")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    return PlotResult(fig, _save(fig, out_path_stem, formats))
+
+
+def plot_batch_size(
+    run: Run | str | os.PathLike,
+    out_path_stem: str | os.PathLike | None = None,
+    *,
+    x: str = "step",
+    formats: Sequence[str] = ("png", "pdf"),
+) -> PlotResult:
+    """The batch size S over the run (log scale) and the learning-rate factor, with break-even.
+
+    Reads the ``batch_size`` / ``lr_factor`` records that
+    :class:`~sgdbreak.BatchSizeController` logs at its start and at every change (a step
+    function, drawn to the run's last record).
+
+    Raises:
+        ValueError: if the run has no ``batch_size`` records.
+    """
+    run = _as_run(run)
+    xs, sizes = run.series("batch_size", x=x)
+    if not xs.size:
+        raise ValueError(f"run {run.run_dir} has no batch_size records against {x!r}")
+    end = max([float(r[x]) for r in run.records if isinstance(r.get(x), (int, float))] + [float(xs[-1])])
+    fx, factors = run.series("lr_factor", x=x)
+    fig, (ax,) = _new_figure(1)
+    ax.step(np.append(xs, end), np.append(sizes, sizes[-1]), where="post", color="C0", lw=1.8, label="S")
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel(x)
+    ax.set_ylabel("batch size S")
+    ax.grid(True, alpha=0.3)
+    event = run.break_even
+    event_x = _event_x(run, event, x) if event else None
+    if event_x is not None:
+        ax.axvline(event_x, color="C3", ls="-.", lw=1.2, label="break-even")
+    if fx.size:
+        twin = ax.twinx()
+        twin.step(np.append(fx, end), np.append(factors, factors[-1]), where="post", color="C1", ls="--",
+                  lw=1.2, label="lr factor")
+        twin.set_ylabel("learning-rate factor")
+        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper left")
+    else:
+        ax.legend(fontsize=8)
     return PlotResult(fig, _save(fig, out_path_stem, formats))
