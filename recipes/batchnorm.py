@@ -57,13 +57,12 @@ def analyze(runs, args, out: Path) -> dict:
         keys = ("g_top5_ratio", "stable_rank_K", "bn_gamma_norm", "lambda1_K")
         fig, axes = new_figure(1, len(keys))
         first = min(spec.seed for spec, _, _ in runs)
-        for spec, run_dir, _ in runs:
-            if spec.seed != first:
-                continue
+        chosen = [(spec, run_dir) for spec, run_dir, _ in runs if spec.seed == first]
+        for index, (spec, run_dir) in enumerate(chosen):
             for ax, key in zip(axes, keys, strict=True):
                 steps, vals = series(run_dir, key)
-                if vals.size:
-                    ax.plot(steps, vals, "-" if spec.model.endswith("-bn") else "--", lw=1,
+                if vals.size:  # one colour per run in every panel (‖γ‖ exists only with BN)
+                    ax.plot(steps, vals, "-" if spec.model.endswith("-bn") else "--", lw=1, color=f"C{index % 10}",
                             label=f"{'BN' if spec.model.endswith('-bn') else 'no BN'} η={spec.lr:g}")
         for ax, key in zip(axes, keys, strict=True):
             ax.set(xlabel="step", title=key)

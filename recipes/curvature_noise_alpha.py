@@ -5,7 +5,7 @@ noise) and λ1^H (sharpness) rise and fall together, and α*, the number of last
 can repeat before the loss rises by 20 % (a line search along the update), is
 anti-correlated with λ1^K and falls to about 2 near break-even. Per run the recipe prints
 the Spearman correlations of λ1^K with λ1^H and with α* (over the whole run and up to the
-λ1^K peak), the smallest α*, and draws ``curvature_noise_alpha.png`` (λ1^K vs λ1^H, α* vs λ1^K).
+λ1^K peak), α* at the (raw) λ1^K peak and the smallest α*, and draws ``curvature_noise_alpha.png`` (λ1^K vs λ1^H, α* vs λ1^K).
 
 Run:
     python recipes/curvature_noise_alpha.py --lrs 0.02,0.2 --seeds 0,1,2
@@ -53,6 +53,8 @@ def correlations(run_dir: Path) -> dict:
     if ka.size:
         peak = int(np.argmax(ka[:, 1]))
         out["rho_K_alpha_early"] = spearman(ka[: peak + 1, 1], ka[: peak + 1, 2])
+        out["alpha_star_at_max_lambda1_K"] = float(ka[peak, 2])
+        out["step_of_max_lambda1_K"] = int(ka[peak, 0])
         finite = ka[np.isfinite(ka[:, 2])]
         if finite.size:
             i = int(np.argmin(finite[:, 2]))
@@ -69,6 +71,8 @@ def analyze(runs, args, out: Path) -> dict:
     print_table(rows, [Column("model", "model", "s"), Column("lr", "lr", "g"), Column("seed", "seed", "d"),
                        Column("ρ(λ1K,λ1H)", "rho_K_H", ".2f"), Column("early", "rho_K_H_early", ".2f"),
                        Column("ρ(λ1K,α*)", "rho_K_alpha", ".2f"), Column("early", "rho_K_alpha_early", ".2f"),
+                       Column("α* at λ1K peak", "alpha_star_at_max_lambda1_K", ".3g"),
+                       Column("(step)", "step_of_max_lambda1_K", "d"),
                        Column("min α*", "min_alpha_star", ".3g"), Column("at step", "step_of_min_alpha_star", "d")])
     figure = None
     if not args.no_figures:

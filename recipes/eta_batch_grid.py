@@ -44,6 +44,7 @@ RECIPE = Recipe(
     columns=(
         Column("max λ1^K", "max_lambda1_K_smoothed"),
         Column("max TrK/λ1K", "max_stable_rank_K_smoothed"),
+        Column("TrK/λ1K@peak λ1K", "stable_rank_K_at_max_lambda1_K"),
         Column("max λ1^H", "max_lambda1_H_smoothed"),
         Column("max TrH/λ1H", "max_top5_ratio_H_smoothed"),
         Column("acc@peak λ1K", "train_accuracy_at_max_lambda1_K", ".2f"),

@@ -47,6 +47,9 @@ def test_peak_passed_needs_a_fall_after_the_smoothed_peak():
     assert peak_passed([1, 2, 3, 4, 5, 6, 7, 8], window=3) is False  # still rising
     assert peak_passed([1, 2, 8, 8, 8, 7.5, 7.6, 7.7], window=3) is False  # within 10 % of the peak
     assert peak_passed([1, 2, 8, 8, 8, 5, 4, 4], window=3) is True
+    # a maximum at the start is no peak along the trajectory (flat, or falling from init)
+    assert peak_passed([5, 5, 5, 4, 3, 3], window=3) is False
+    assert peak_passed([1.0, 0.9, 1.1, 0.95, 0.85, 0.9, 1.0], window=1) is False
     assert peak_passed([3.0], window=1) is False
     with pytest.raises(ValueError, match="drop must be in"):
         peak_passed([1, 2], drop=1.5)
@@ -63,6 +66,7 @@ def test_summarize_reports_passed_peaks_derived_ratios_and_accuracy_at_the_peak(
     step = s["step_of_max_lambda1_K_smoothed"]
     assert s["train_accuracy_at_max_lambda1_K"] == pytest.approx(0.1 + 0.8 * step / 200)
     assert s["noise_num_samples"] == 10
+    assert s["stable_rank_K_at_max_lambda1_K"] is None  # not logged here
     assert "max_bn_gamma_norm" not in s  # extra keys only when logged
 
 
@@ -90,7 +94,7 @@ def test_a_run_cut_before_its_peak_is_inconclusive_not_disagrees(tmp_path):
     k = checks["lambda1_K"]
     assert k["noisier_value"] > k["other_value"]  # would read "disagrees"
     assert k["verdict"] == "inconclusive"
-    assert "cut not past its peak (cut at step 80)" in k["note"]
+    assert "cut has not passed a peak by step 80" in k["note"]
     # When the cut run is already above the other's final peak, more steps cannot change it.
     low = write_run(tmp_path / "low", {**BASE, "lr": 0.1, "seed": 1}, K=0.01)
     cut_high = write_run(tmp_path / "cut_high", {**BASE, "lr": 0.01, "seed": 1}, K=3.0, n=9)
@@ -129,7 +133,7 @@ def test_one_inconclusive_seed_makes_the_mean_verdict_inconclusive(tmp_path):
             write_run(tmp_path / "small1", {**BASE, "lr": 0.01, "seed": 1}, K=3.0, n=9)]
     k = next(c for c in compare(*dirs)["over_seeds"][0]["checks"] if c["quantity"] == "lambda1_K")
     assert k["counts"] == {"agrees": 1, "inconclusive": 1} and k["verdict"] == "inconclusive"
-    assert any("small1 not past its peak" in n for n in k["notes"])
+    assert any("small1 has not passed a peak" in n for n in k["notes"])
 
 
 def test_batch_size_grid_with_epochs_pairs_despite_different_step_counts(tmp_path):

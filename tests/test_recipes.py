@@ -263,18 +263,23 @@ def test_grid_lists_accept_commas_and_spaces_and_reject_bad_values(capsys):
 
 
 @pytest.mark.slow
-def test_an_eta_pair_on_embedded_mnist_agrees_with_conjecture_1(tmp_path, capsys):
-    """End to end on the embedded real MNIST (14×14): η = 0.2 peaks lower in λ1^K than η = 0.02."""
+def test_an_eta_pair_on_embedded_digits_agrees_with_conjecture_1(tmp_path, capsys):
+    """End to end on real embedded data (scikit-learn's digits): η = 0.5 peaks lower in λ1^K than η = 0.05.
+
+    Both runs pass their λ1^K peak within 150 steps (break-even near steps 10 and 90), so
+    the verdict is a real one, not "inconclusive"; the margin was about 5x when measured.
+    """
     recipe = load_recipe("break_even")
-    argv = ["--dataset", "mnist14", "--num-examples", "1000", "--batch-size", "64", "--max-steps", "120",
-            "--lr", "0.02", "0.2", "--measure-every", "6", "--cheap-every", "6", "--measure", "hessian", "noise",
-            "--no-progress", "--no-figures", "--output-dir", str(tmp_path)]
+    argv = ["--dataset", "digits", "--batch-size", "64", "--max-steps", "150", "--lr", "0.05", "0.5",
+            "--measure-every", "5", "--cheap-every", "5", "--measure", "noise", "--no-progress",
+            "--output-dir", str(tmp_path)]
     assert recipe.main(argv) == 0
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "summary.json").read_text())["comparison"]
     [pair] = result["pairs"]
     k = next(c for c in pair["checks"] if c["quantity"] == "lambda1_K")
-    assert pair["noisier"] == "lr_0.2"
+    assert pair["noisier"] == "lr_0.5"
     assert k["verdict"] == "agrees", k
-    assert k["noisier_value"] < k["other_value"]
-    assert "Conjecture 1  max lambda1_K" in out and "agrees" in out
+    assert k["note"] is None  # both runs are past their peaks
+    assert k["noisier_value"] < 0.5 * k["other_value"]
+    assert "Conjecture 1  max lambda1_K" in out

@@ -114,6 +114,9 @@ def comparison_figure(runs: Sequence[tuple], stem: Path, keys: Sequence[str] = (
 
     first_seed = min(spec.seed for spec, _, _ in runs)
     chosen = [(spec, d) for spec, d, _ in runs if spec.seed == first_seed]
+    keys = [k for k in keys if any(series(d, k)[1].size for _, d in chosen)]  # panels with data only
+    if not keys:
+        return []
     fig, axes = new_figure(1, len(keys))
     for ax, key in zip(axes, keys, strict=True):
         for spec, run_dir in chosen:

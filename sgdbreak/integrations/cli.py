@@ -306,7 +306,7 @@ def _peak(label: str, run: Run, summary: dict, quantity: str, window: int) -> _P
     if value is not None and summary.get(f"peak_passed_{quantity}") is False:
         last = summary.get("last_step")
         return _Peak(label, value, "lower" if enough else "unknown",
-                     f"{label} not past its peak (cut at step {last})")
+                     f"{label} has not passed a peak by step {last}")
     return _Peak(label, value, "final")
 
 

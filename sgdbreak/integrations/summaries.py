@@ -161,14 +161,16 @@ def series_values(records: Iterable[Mapping[str, Any]], key: str) -> list[float 
 
 
 def peak_passed(values: Sequence[float], window: int = 5, *, drop: float = PEAK_DROP) -> bool:
-    """Whether a series has passed its (smoothed) peak: fallen ``drop`` below it since.
+    """Whether a series has risen to a (smoothed) peak and fallen ``drop`` below it since.
 
     The peak is the maximum of the moving average over complete windows, as in
     :func:`summarize`; the series has passed it when a later point of the moving average
-    (partial windows at the end included) is at most ``(1 − drop)`` times the peak. A run
-    cut while its quantity still rises has not: its maximum is only a lower bound of the
-    peak it would have reached, and comparing it would be unfair (Conjectures 1 and 2 are
-    about the peaks).
+    (partial windows at the end included) is at most ``(1 − drop)`` times the peak, and
+    the moving average started at most that low too. A run cut while its quantity still
+    rises has not: its maximum is only a lower bound of the peak it would have reached,
+    and comparing it would be unfair (Conjectures 1 and 2 are about the peaks). Nor has a
+    series whose maximum is its starting level (flat, or falling from initialisation):
+    it has not reached a peak along the trajectory yet.
 
     Args:
         values: the series in time order (finite numbers).
@@ -191,7 +193,7 @@ def peak_passed(values: Sequence[float], window: int = 5, *, drop: float = PEAK_
     if after.size == 0:
         return False
     threshold = peak * (1 - drop) if peak > 0 else peak * (1 + drop)
-    return bool(after.min() <= threshold)
+    return bool(after.min() <= threshold and smooth[lo] <= threshold)
 
 
 def _value_at_step(records: Sequence[Mapping[str, Any]], key: str, step: float | None) -> float | None:
@@ -231,7 +233,8 @@ def summarize(
     ``break_even_detected_at``, ``break_even_evidence``; ``None`` without one), the last
     logged ``train_accuracy`` and the train accuracy at the smoothed peaks of λ1^H and λ1^K
     (``train_accuracy_at_max_lambda1_H``, interpolated between accuracy records; the paper
-    finds the peaks near 60 % on CIFAR-10), ``noise_num_samples`` (L, which caps
+    finds the peaks near 60 % on CIFAR-10), ``stable_rank_K_at_max_lambda1_K`` (Tr K/λ1^K
+    there, interpolated), ``noise_num_samples`` (L, which caps
     Tr K/λ1^K at L − 1), the number of records and of measurements (records with a
     key outside :data:`BOOKKEEPING_KEYS`, so accuracy-only records do not count) and
     counts of events by type.
@@ -283,6 +286,9 @@ def summarize(
     for key in ("lambda1_H", "lambda1_K"):
         out[f"train_accuracy_at_max_{key}"] = _value_at_step(
             records, "train_accuracy", out[f"step_of_max_{key}_smoothed"])
+    # Conditioning where the noise peaks (the maximum of Tr K/λ1^K is often at initialisation).
+    out["stable_rank_K_at_max_lambda1_K"] = _value_at_step(
+        records, "stable_rank_K", out["step_of_max_lambda1_K_smoothed"])
     samples = [n for n in (_number(r.get("noise_num_samples")) for r in records) if n is not None]
     out["noise_num_samples"] = int(max(samples)) if samples else None
     first = next((e for e in events if e.get("event") == "break_even"), None)
