@@ -32,7 +32,16 @@ from typing import Any, TypeGuard
 
 from .rundir import RUN_FILES, Run, is_run_dir, read_run
 
-__all__ = ["CHECKS", "DEFAULT_IGNORED_CONFIG_KEYS", "FIGURE_FORMATS", "compare_runs", "main"]
+__all__ = [
+    "CHECKS",
+    "DEFAULT_IGNORED_CONFIG_KEYS",
+    "FIGURE_FORMATS",
+    "compare_runs",
+    "main",
+    "over_seeds",
+    "over_seeds_lines",
+    "summary_lines",
+]
 
 #: Figure formats ``--formats`` accepts (matplotlib writes them without extra tools).
 FIGURE_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp")
@@ -50,6 +59,9 @@ DEFAULT_IGNORED_CONFIG_KEYS = (
     "run_name",
     "wandb_project",
     "wandb_run_name",
+    # derived from batch_size (recipes write them): a batch-size grid must still pair up
+    "steps_per_epoch",
+    "total_steps",
 )
 
 #: (conjecture, quantity, label, expected direction for the noisier run: -1 lower, +1 higher)
@@ -271,35 +283,50 @@ def _is_number(value: Any) -> TypeGuard[int | float]:
 class _Peak:
     """A run's smoothed maximum of one quantity and what it says about the final one.
 
-    ``bound`` is ``"final"`` for a complete run; ``"lower"`` for an incomplete run with at
-    least ``window`` values (the maximum is then over complete windows, which records
-    appended later cannot lower); ``"unknown"`` for an incomplete run with fewer values.
+    ``bound`` is ``"final"`` for a complete run past its peak; ``"lower"`` for a run whose
+    maximum can only grow with more records (incomplete, or complete but cut before its
+    peak: not fallen back from it, see :func:`~sgdbreak.integrations.summaries.peak_passed`)
+    with at least ``window`` values (the maximum is over complete windows); ``"unknown"``
+    for fewer values, or a run that diverged. ``why`` says which of these it is.
     """
 
     label: str
     value: float | None
     bound: str
+    why: str | None = None
+
+
+def _diverged(run: Run) -> dict | None:
+    return next((e for e in run.events if e.get("event") == "diverged"), None)
 
 
 def _peak(label: str, run: Run, summary: dict, quantity: str, window: int) -> _Peak:
     value = summary[f"max_{quantity}_smoothed"]
-    if run.complete:
-        return _Peak(label, value, "final")
+    diverged = _diverged(run)
+    if diverged is not None:
+        return _Peak(label, value, "unknown", f"{label} diverged at step {diverged.get('step')}")
     enough = len(run.series(quantity)[1]) >= window
-    return _Peak(label, value, "lower" if enough else "unknown")
+    if not run.complete:
+        return _Peak(label, value, "lower" if enough else "unknown", f"{label} incomplete")
+    if value is not None and summary.get(f"peak_passed_{quantity}") is False:
+        last = summary.get("last_step")
+        return _Peak(label, value, "lower" if enough else "unknown",
+                     f"{label} has not passed a peak by step {last}")
+    return _Peak(label, value, "final")
 
 
 def _check(noisier: _Peak, other: _Peak, direction: int) -> tuple[str, str | None]:
     """Verdict and note for one check of the noisier run's peak against the other's.
 
-    With complete runs: ``agrees``, ``disagrees``, ``tie`` or ``missing``. A peak of an
-    incomplete run can still grow, so a verdict stands only when the *smaller* peak is
-    final: the larger can only grow, which keeps the order. Otherwise it is
-    ``inconclusive``, as it is when an incomplete run has not logged the quantity yet.
+    With final peaks: ``agrees``, ``disagrees``, ``tie`` or ``missing``. A peak that is
+    only a lower bound (an incomplete run, or one cut before its peak) can still grow, so
+    a verdict stands only when the *smaller* peak is final: the larger can only grow,
+    which keeps the order. Otherwise it is ``inconclusive``, as it is when a run has not
+    logged the quantity yet or diverged.
     """
     peaks = (noisier, other)
-    still_open = ", ".join(p.label for p in peaks if p.bound != "final")
-    note = f"{still_open} incomplete" if still_open else None
+    still_open = "; ".join(p.why or p.label for p in peaks if p.bound != "final")
+    note = still_open or None
     if any(p.value is None for p in peaks):
         final_missing = any(p.value is None and p.bound == "final" for p in peaks)
         return ("missing", None) if final_missing else ("inconclusive", note)
@@ -312,6 +339,24 @@ def _check(noisier: _Peak, other: _Peak, direction: int) -> tuple[str, str | Non
     if smaller.bound != "final" or any(p.bound == "unknown" for p in peaks):
         return "inconclusive", note
     return verdict, f"{note}; its peak can only grow"
+
+
+#: Tr K/λ1^K is at most L − 1 (L gradient samples); above this fraction of it the cap shows.
+L_CAP_FRACTION = 0.8
+
+
+def _cap_note(quantity: str, peaks: Sequence[_Peak], summaries: dict) -> str | None:
+    """A note when a Tr K/λ1^K peak is near its ceiling L − 1 (L = noise samples)."""
+    if quantity != "stable_rank_K":
+        return None
+    near = []
+    for peak in peaks:
+        samples = summaries[peak.label].get("noise_num_samples")
+        if samples and samples > 1 and peak.value is not None and peak.value >= L_CAP_FRACTION * (samples - 1):
+            near.append(f"{peak.label} {peak.value:.3g} of at most L - 1 = {samples - 1}")
+    if not near:
+        return None
+    return "capped by L: " + ", ".join(near) + " (use more --noise-samples)"
 
 
 def compare_runs(
@@ -377,6 +422,9 @@ def compare_runs(
             noisy_peak = _peak(noisy, runs_by_label[noisy], summaries[noisy], quantity, window)
             quiet_peak = _peak(quiet, runs_by_label[quiet], summaries[quiet], quantity, window)
             verdict, note = _check(noisy_peak, quiet_peak, direction)
+            cap = _cap_note(quantity, (noisy_peak, quiet_peak), summaries)
+            if cap is not None:
+                note = cap if note is None else f"{note}; {cap}"
             checks.append(
                 {
                     "conjecture": conjecture,
@@ -389,8 +437,23 @@ def compare_runs(
                     "note": note,
                 }
             )
+        fixed = {k: v for k, v in others[la].items() if k != "seed"}
+        fixed["batch_size" if key == "lr" else "lr"] = ra.config.get(
+            "batch_size" if key == "lr" else "lr"
+        )
         pairs.append(
-            {"a": la, "b": lb, "varied": key, "noisier": noisy, "other": quiet, "checks": checks}
+            {
+                "a": la,
+                "b": lb,
+                "varied": key,
+                "noisier": noisy,
+                "other": quiet,
+                "noisier_value": runs_by_label[noisy].config.get(key),
+                "other_value": runs_by_label[quiet].config.get(key),
+                "seed": ra.config.get("seed"),
+                "fixed": fixed,
+                "checks": checks,
+            }
         )
     for label, _ in usable:
         if label in partnered:
@@ -409,10 +472,114 @@ def compare_runs(
     return {
         "window": window,
         "pairs": pairs,
+        "over_seeds": over_seeds(pairs),
         "not_compared": notes,
         "incomplete": incomplete,
         "totals": totals,
     }
+
+
+def over_seeds(pairs: Sequence[dict]) -> list[dict]:
+    """Group the pairs of :func:`compare_runs` that differ only in their seed, per check.
+
+    Each group is one comparison (``varied``, ``noisier_value`` vs ``other_value`` with the
+    rest of the config ``fixed``) repeated over seeds. Per check it counts the seeds'
+    verdicts and compares the means over seeds of the smoothed maxima: ``verdict`` is
+    ``"agrees"``/``"disagrees"``/``"tie"`` on the means when no seed is inconclusive or
+    missing, ``"missing"`` when no seed logged it, else ``"inconclusive"``.
+
+    Returns:
+        ``[{"varied", "noisier_value", "other_value", "fixed", "seeds", "checks": [
+        {"conjecture", "quantity", "name", "expected", "counts", "agree", "seeds",
+        "noisier_mean", "other_mean", "verdict", "notes"}]}]``.
+    """
+    groups: dict[str, dict] = {}
+    for pair in pairs:
+        key = json.dumps(
+            [pair["varied"], pair["noisier_value"], pair["other_value"], pair["fixed"]],
+            sort_keys=True,
+            default=str,
+        )
+        group = groups.setdefault(
+            key,
+            {
+                "varied": pair["varied"],
+                "noisier_value": pair["noisier_value"],
+                "other_value": pair["other_value"],
+                "fixed": pair["fixed"],
+                "seeds": [],
+                "pairs": [],
+            },
+        )
+        group["seeds"].append(pair.get("seed"))
+        group["pairs"].append(pair)
+    out = []
+    for group in groups.values():
+        checks = []
+        for i, (conjecture, quantity, name, direction) in enumerate(CHECKS):
+            per_seed = [p["checks"][i] for p in group["pairs"]]
+            verdicts = [c["verdict"] for c in per_seed]
+            counts = {v: verdicts.count(v) for v in dict.fromkeys(verdicts)}
+            values = [(c["noisier_value"], c["other_value"]) for c in per_seed]
+            means = None
+            if all(a is not None and b is not None for a, b in values):
+                means = tuple(sum(v[j] for v in values) / len(values) for j in (0, 1))
+            if all(v == "missing" for v in verdicts):
+                verdict = "missing"
+            elif means is None or any(v in ("inconclusive", "missing") for v in verdicts):
+                verdict = "inconclusive"
+            elif means[0] == means[1]:
+                verdict = "tie"
+            else:
+                verdict = "agrees" if (means[0] - means[1]) * direction > 0 else "disagrees"
+            notes = sorted({c["note"] for c in per_seed if c.get("note")})
+            checks.append(
+                {
+                    "conjecture": conjecture,
+                    "quantity": quantity,
+                    "name": name,
+                    "expected": "lower" if direction < 0 else "higher",
+                    "counts": counts,
+                    "agree": counts.get("agrees", 0),
+                    "seeds": len(per_seed),
+                    "noisier_mean": None if means is None else means[0],
+                    "other_mean": None if means is None else means[1],
+                    "verdict": verdict,
+                    "notes": notes,
+                }
+            )
+        out.append({k: v for k, v in group.items() if k != "pairs"} | {"checks": checks})
+    return out
+
+
+def over_seeds_lines(groups: Sequence[dict]) -> list[str]:
+    """The text of :func:`over_seeds`: per comparison, how many seeds agree."""
+    lines = []
+    for group in groups:
+        key = group["varied"]
+        what = "larger lr" if key == "lr" else "smaller batch_size"
+        fixed = group["fixed"]
+        at = "batch_size" if key == "lr" else "lr"
+        extra = f", model={fixed['model']}" if "model" in fixed else ""
+        lines.append(
+            f"over seeds {', '.join(_fmt(s) for s in group['seeds'])}: {key} {_fmt(group['noisier_value'])} "
+            f"vs {_fmt(group['other_value'])} ({at}={_fmt(fixed.get(at))}{extra}; {what} is noisier)"
+        )
+        for c in group["checks"]:
+            counts = ", ".join(f"{n} {v}" for v, n in c["counts"].items())
+            lines.append(
+                f"  C{c['conjecture']} {c['name']:<20} {c['agree']}/{c['seeds']} seeds agree ({counts}); "
+                f"mean {_fmt(c['noisier_mean'])} vs {_fmt(c['other_mean'])}, expected "
+                f"{c['expected']}: {c['verdict']}"
+            )
+            for note in c["notes"]:
+                lines.append(f"      note: {note}")
+    return lines
+
+
+def summary_lines(result: dict, runs: dict[str, Run]) -> list[str]:
+    """The text of ``sgdbreak summary`` for a :func:`compare_runs` result."""
+    return _summary_lines(result, runs)
 
 
 def _summary_lines(result: dict, runs: dict[str, Run]) -> list[str]:
@@ -447,6 +614,9 @@ def _summary_lines(result: dict, runs: dict[str, Run]) -> list[str]:
         lines.append("not compared:")
         for note in result["not_compared"]:
             lines.append(f"  {note['run']}: {note['reason']}")
+        lines.append("")
+    if result.get("over_seeds"):
+        lines.extend(over_seeds_lines(result["over_seeds"]))
         lines.append("")
     t = result["totals"]
     total = f"total: {t['agrees']} agree, {t['disagrees']} disagree, {t['tie']} tie, {t['missing']} missing"
