@@ -188,10 +188,7 @@ def test_probe_with_probe_building_arguments_is_refused():
 
 
 def test_loss_fn_builds_a_general_probe(tmp_path):
-    import inspect
 
-    if "loss_fn" not in inspect.signature(Probe).parameters:
-        pytest.skip("needs Probe(model, data=..., loss_fn=...) (issue 15, item 1)")
     cb = BreakEvenCallback(probe_size=32, loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
                            hessian_tol=1e-8, max_hvps=100, **HESSIAN_ONLY)
     module = TinyClassifier()

@@ -201,10 +201,7 @@ class BreakEvenCallback(pl.Callback):
         if world > 1:
             cls, kwargs = DistributedProbe, {"split": True, **kwargs}
         if self.loss_fn is not None:
-            if "loss_fn" not in inspect.signature(cls).parameters:
-                raise TypeError(f"this sgdbreak's {cls.__name__} does not take loss_fn=; pass criterion= "
-                                "for (inputs, targets) batches, or probe=")
-            return cls(pl_module, data=batch, loss_fn=self.loss_fn, **kwargs)  # type: ignore[call-arg]
+            return cls(pl_module, data=batch, loss_fn=self.loss_fn, **kwargs)
         criterion = self.criterion if self.criterion is not None else getattr(pl_module, "criterion", None)
         if not callable(criterion):
             raise ValueError(

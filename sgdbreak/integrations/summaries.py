@@ -280,7 +280,7 @@ def summarize(
         step = pairs[best][0]
         out[f"step_of_max_{key}_smoothed"] = int(step) if step is not None else None
         out[f"{qname}_{key}"] = float(np.quantile(values, quantile))
-        out[f"peak_passed_{key}"] = peak_passed(values, window)
+        out[f"peak_passed_{key}"] = peak_passed(values.tolist(), window)
     accuracies = [a for a in (_number(r.get("train_accuracy")) for r in records) if a is not None]
     out["final_train_accuracy"] = accuracies[-1] if accuracies else None
     for key in ("lambda1_H", "lambda1_K"):

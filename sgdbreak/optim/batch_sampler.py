@@ -80,7 +80,7 @@ class BreakEvenBatchSampler(Sampler[list[int]]):
             self.sampler = None
         elif hasattr(sampler, "__iter__"):
             self.sampler = sampler
-            self.length = None
+            self.length = None  # type: ignore[assignment]  # only read when sampler is None
         else:
             raise TypeError(f"sampler must be a torch Sampler (or iterable of indices) or a dataset length, "
                             f"got {type(sampler).__name__}")
@@ -139,7 +139,7 @@ class BreakEvenBatchSampler(Sampler[list[int]]):
         progress bars.
         """
         total = len(self._order) if self._order is not None else (
-            self.length if self.sampler is None else len(self.sampler))
+            self.length if self.sampler is None else len(self.sampler))  # type: ignore[arg-type]  # sized when len() is asked
         left = total - self.position
         size = self.controller.batch_size
         return left // size if self.drop_last else math.ceil(left / size)
@@ -149,7 +149,7 @@ class BreakEvenBatchSampler(Sampler[list[int]]):
         """Epoch, position, the order of a sampler's epoch in progress, and the controller."""
         keep_order = self._order is not None and self.sampler is not None
         return {"epoch": self.epoch, "position": self.position,
-                "order": self._order.clone() if keep_order else None,
+                "order": self._order.clone() if keep_order and self._order is not None else None,
                 "in_progress": self._order is not None,
                 "length": self.length, "seed": self.seed, "shuffle": self.shuffle,
                 "controller": self.controller.state_dict()}
