@@ -184,7 +184,8 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
     name_of = recipe.run_dir_name or run_name
     if args.analyze_only:
         return _analyze_only(recipe, args, parser, out, name_of)
-    accelerator = Accelerator(log_with=None if args.report_to == "none" else args.report_to)
+    # TensorBoard goes through sgdbreak's own logger (recipekit.loop); Accelerate tracks W&B only.
+    accelerator = Accelerator(log_with="wandb" if args.report_to in ("wandb", "all") else None)
     data = check_data(parser, args, accelerator.num_processes)
     runs = []
     try:
