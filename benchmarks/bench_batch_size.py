@@ -41,6 +41,8 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import markdown_table  # noqa: E402
+
 import sgdbreak  # noqa: E402
 from sgdbreak.optim.batch_size import lr_factor  # noqa: E402
 from sgdbreak.workloads import datasets, models  # noqa: E402
@@ -185,16 +187,7 @@ COLUMNS = ["dataset", "rule", "run", "reached", "steps_to_target", "examples_to_
 
 
 def markdown(rows: list[dict]) -> str:
-    def fmt(v):
-        if v is None:
-            return "–"
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(rows, COLUMNS)
 
 
 def figure(results: list[dict], path: Path) -> None:

@@ -38,6 +38,8 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import markdown_table  # noqa: E402
+
 import sgdbreak  # noqa: E402
 from sgdbreak.workloads import datasets, models  # noqa: E402
 
@@ -182,16 +184,7 @@ COLUMNS = ["dataset", "optimizer", "target", "constant_acc", "constant_div", "li
 
 
 def markdown(rows: list[dict]) -> str:
-    def fmt(v):
-        if v is None:
-            return "–"
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(rows, COLUMNS)
 
 
 def figure(rows: list[dict], path: Path) -> None:
