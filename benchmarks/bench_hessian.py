@@ -8,7 +8,7 @@ the first Rayleigh-Ritz value (for the warm start: how far the previous eigenvec
 from the new top eigenvector after one SGD step). Measured at several points of a short training run, so the warm
 start faces the real motion of the top eigenvector after one SGD step.
 
-    python benchmarks/bench_hessian.py [--probe-size 1000] [--points 4] [--lr 0.05]
+    python benchmarks/bench_hessian.py [--probe-size 1000] [--points 4] [--lr 0.05] [--warm-after 1 10]
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--steps-between", type=int, default=40, help="SGD steps between points")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--warm-after", type=int, nargs="+", default=[1],
+                    help="SGD steps between the previous solve and the warm-started one (e.g. 1 10)")
     ap.add_argument("--skip-power", action="store_true", help="skip the (slow) power-iteration baseline")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", help="write the rows here")
@@ -47,34 +49,37 @@ def main() -> None:
         sgd_step(model, opt, x, y, g)
         opt.zero_grad()  # no gradients held while measuring
 
-    rows = {"cold lanczos": [], "warm lanczos (after 1 step)": [], "cold power (<=100)": []}
+    warm_names = {gap: f"warm lanczos (after {gap} step{'s' if gap > 1 else ''})" for gap in args.warm_after}
+    rows = {"cold lanczos": [], **{name: [] for name in warm_names.values()}, "cold power (<=100)": []}
     for point in range(args.points):
         for _ in range(args.steps_between if point else 5):
             train_step()
-        # The previous measurement, as the monitor takes it (tol 1e-3), then one SGD step.
-        previous = probe.hessian_eigenvalues(tol=args.tol, max_hvps=100, generator=torch.Generator().manual_seed(9))
-        train_step()
-        # Reference: residual ≤ 1e-4·λ, so the eigenvalue error (~‖r‖²/gap) is far below 1e-3.
-        reference = probe.hessian_eigenvalues(tol=1e-4, convergence="residual", max_hvps=150,
-                                              generator=torch.Generator().manual_seed(7)).eigenvalues.item()
-        def solve(seed=point, **kwargs):
-            return probe.hessian_eigenvalues(tol=args.tol, max_hvps=100, generator=torch.Generator().manual_seed(seed),
-                                             **kwargs)
+        for i, gap in enumerate(args.warm_after):
+            # The previous measurement, as the monitor takes it (tol 1e-3), then `gap` SGD steps.
+            previous = probe.hessian_eigenvalues(tol=args.tol, max_hvps=100,
+                                                 generator=torch.Generator().manual_seed(9))
+            for _ in range(gap):
+                train_step()
+            # Reference: residual ≤ 1e-4·λ, so the eigenvalue error (~‖r‖²/gap) is far below 1e-3.
+            reference = probe.hessian_eigenvalues(tol=1e-4, convergence="residual", max_hvps=150,
+                                                  generator=torch.Generator().manual_seed(7)).eigenvalues.item()
 
-        runs = {
-            "cold lanczos": solve,
-            "warm lanczos (after 1 step)": lambda prev=previous: solve(warm_start=prev),
-            "cold power (<=100)": lambda: solve(solver="power"),
-        }
-        if args.skip_power:
-            del runs["cold power (<=100)"]
-        for name, fn in runs.items():
-            res, seconds = timed(fn)
-            err = abs(res.eigenvalues.item() - reference) / abs(reference)
-            errors = [(n, abs(t - reference) / abs(reference)) for n, t in res.estimates]
-            reached = next((n for n, e in errors if e <= args.tol), None)
-            rows[name].append({"hvps": res.num_hvps, "seconds": seconds, "err": err, "ref": reference,
-                               "reached": reached, "first": errors[0] if errors else None})
+            def solve(seed=point, **kwargs):
+                return probe.hessian_eigenvalues(tol=args.tol, max_hvps=100,
+                                                 generator=torch.Generator().manual_seed(seed), **kwargs)
+
+            runs = {warm_names[gap]: lambda prev=previous: solve(warm_start=prev)}
+            if i == 0:  # the cold solves once per point
+                runs["cold lanczos"] = solve
+                if not args.skip_power:
+                    runs["cold power (<=100)"] = lambda: solve(solver="power")
+            for name, fn in runs.items():
+                res, seconds = timed(fn)
+                err = abs(res.eigenvalues.item() - reference) / abs(reference)
+                errors = [(n, abs(t - reference) / abs(reference)) for n, t in res.estimates]
+                reached = next((n for n, e in errors if e <= args.tol), None)
+                rows[name].append({"hvps": res.num_hvps, "seconds": seconds, "err": err, "ref": reference,
+                                   "reached": reached, "first": errors[0] if errors else None})
     out = []
     for name, rs in rows.items():
         if not rs:

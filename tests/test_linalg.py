@@ -13,6 +13,7 @@ from sgdbreak.estimators.linalg import (
     lanczos,
     power_iteration,
 )
+from sgdbreak.errors import NonFiniteMeasurement
 from sgdbreak.testing import symmetric_matrix_with_spectrum
 from sgdbreak.testing.strategies import spectra
 
@@ -246,3 +247,19 @@ def test_inf_in_one_product_is_an_error():
 
     with pytest.raises(ValueError, match="non-finite"):
         lanczos(matvec, 6, dtype=torch.float64, generator=gen())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_lanczos_rejects_a_non_finite_warm_start_vector(bad):
+    """The init block's finiteness is read off row maxima and minima (no float64 copy)."""
+    block = torch.randn(2, 6)
+    block[1, 3] = bad
+    with pytest.raises(NonFiniteMeasurement, match="init vectors"):
+        lanczos(lambda v: v, 6, init=block)
+
+
+def test_lanczos_accepts_a_huge_finite_warm_start_vector():
+    """Entries whose squares overflow float32 are still finite: no false alarm."""
+    A = torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5]))
+    res = lanczos(lambda v: A @ v, 4, init=torch.tensor([3e38, 1e37, 0.0, 0.0]), tol=1e-6)
+    assert res.eigenvalues.item() == pytest.approx(4.0, rel=1e-5)

@@ -176,16 +176,18 @@ def _as_start_block(init, dim: int, dtype, device) -> list[Tensor]:
         raise TypeError(f"init must be a tensor, a sequence of tensors or an EigenResult, got {type(init).__name__}")
     if block.dim() != 2 or block.shape[1] != dim:
         raise ValueError(f"init vectors must have length {dim}, got shape {tuple(block.shape)}")
-    # A nan or inf makes its row's float64 norm non-finite: no separate pass over the block.
-    if not bool(torch.isfinite(torch.linalg.vector_norm(block, dim=1, dtype=torch.float64)).all()):
+    # A nan or inf shows in a row's maximum or minimum (nan propagates); no float64 copy.
+    if not bool((torch.isfinite(block.amax(dim=1)) & torch.isfinite(block.amin(dim=1))).all()):
         raise NonFiniteMeasurement("init vectors contain non-finite values")
     return [row.to(dtype=dtype, device=device) for row in block]
 
 
 def _apply_block(matvec: Matvec, block: Tensor) -> Tensor:
     """A x for every row x of ``block``: one batched call when the operator has ``matmat``."""
+    if block.shape[0] == 1:  # a view, not a copy: the vectors can be millions long
+        return matvec(block[0]).unsqueeze(0)
     matmat = getattr(matvec, "matmat", None)
-    if matmat is not None and block.shape[0] > 1:
+    if matmat is not None:
         return matmat(block)
     return torch.stack([matvec(x) for x in block])
 
@@ -258,6 +260,8 @@ def lanczos(
 
     pending: list[Tensor] = []  # vectors waiting to be multiplied
     for v in _as_start_block(init, dim, dtype, device):
+        peak = v.abs().max()
+        v = v / peak if 0 < peak < math.inf else v  # scaled first: a huge vector's norm overflows
         v = _orthogonalize(v, stacked(pending))
         n = v.norm()
         if n > 1e-6 * max(1.0, v.abs().max().item()):
@@ -281,7 +285,7 @@ def lanczos(
     while True:
         # Multiply the pending vectors (the start block in one batched call when the
         # operator allows) and extend the projected matrix.
-        block = torch.stack(pending)
+        block = pending[0].unsqueeze(0) if len(pending) == 1 else torch.stack(pending)
         pending = []
         images = _apply_block(matvec, block)
         num += block.shape[0]
@@ -305,14 +309,16 @@ def lanczos(
         theta, Y = theta[order], Y[:, order]
         kk = min(k, m)
         estimates.append((num, theta[0].item()))
-        # Ritz pairs k and k+1 too: their residuals make the gap estimate honest, and
-        # they are kept as the next warm start (eigenvectors swap order during training).
-        # Residuals A V y - θ V y straight from the two buffers (no Ritz vectors needed).
+        # Ritz pairs k + 1 and k + 2 too: their values enter the gap estimate, and their
+        # vectors are kept as the next warm start (eigenvectors swap order in training).
+        # Residuals A V y - θ V y of the wanted pairs only, straight from the two buffers
+        # (no Ritz vectors needed); norms in the vectors' dtype (a float64 copy cost more).
         nr = min(m, k + 2)
         Yr = Y[:, :nr].to(dtype=dtype, device=device)
-        theta_r = theta[:nr].to(dtype=dtype, device=device)
-        resid_vecs = torch.addmm(Yr.T @ basis.AV, (Yr * theta_r).T, basis.V, alpha=-1.0)
-        res = torch.linalg.vector_norm(resid_vecs, dim=1, dtype=torch.float64).cpu()
+        Yw = Yr[:, :kk]
+        theta_w = theta[:kk].to(dtype=dtype, device=device)
+        resid_vecs = torch.addmm(Yw.T @ basis.AV, (Yw * theta_w).T, basis.V, alpha=-1.0)
+        res = torch.linalg.vector_norm(resid_vecs, dim=1).double().cpu()
         bounds = _error_bounds(theta[:nr], res, kk, convergence)
         scale = max(theta.abs().max().item(), torch.finfo(dtype).tiny)
         done = m >= k and bool((bounds <= tol * scale).all())
@@ -331,10 +337,12 @@ def lanczos(
             basis.replace(Yk.T @ basis.V, Yk.T @ basis.AV)
             T = torch.diag(theta[:keep])
         r = _orthogonalize(r, basis.V)
-        if r.norm() <= 1e-10 * max(scale, 1.0) or not torch.isfinite(r).all():
+        norm = float(torch.linalg.vector_norm(r))  # nan or inf when r is not finite
+        if not math.isfinite(norm) or norm <= 1e-10 * max(scale, 1.0):
             # Invariant subspace: continue from a fresh random direction.
             r = _orthogonalize(_orthogonalize(_random_vector(dim, dtype, device, generator), basis.V), basis.V)
-        pending.append(r / r.norm())
+            norm = float(torch.linalg.vector_norm(r))
+        pending.append(r / norm)
 
     theta, ritz, res, bounds = best
     if len(theta) < k:  # dim == m < k cannot happen (k <= dim); guard anyway

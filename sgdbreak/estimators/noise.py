@@ -84,6 +84,18 @@ class CovarianceSpectrum:
     eigenvectors: Tensor | None = None
 
 
+def _norms64(x: Tensor, dim: int | None = None) -> Tensor:
+    """Euclidean norm(s) as float64, computed in ``x``'s dtype (no float64 copy of x).
+
+    Recomputed in float64 only when a result is not finite, so a nan or inf still shows
+    and a sum of squares that overflows float32 is not mistaken for one.
+    """
+    out = torch.linalg.vector_norm(x, dim=dim)
+    if not bool(torch.isfinite(out).all()):
+        out = torch.linalg.vector_norm(x, dim=dim, dtype=torch.float64)
+    return out.to(torch.float64)
+
+
 def _check_samples(samples: object) -> tuple[int, int]:
     """Type and shape of the (L, D) samples; finiteness is checked on the Gram matrix."""
     if not isinstance(samples, Tensor):
@@ -205,7 +217,7 @@ def _gram_eigh(samples: Tensor, gram_dtype: torch.dtype | None = torch.float64):
             weights = coeffs[:, :j].T.contiguous()
             if native:
                 out = weights.to(samples.dtype) @ samples
-                return out, torch.linalg.vector_norm(out, dim=1, dtype=torch.float64).cpu()
+                return out, _norms64(out, dim=1).cpu()
             out = torch.empty(j, dim, dtype=samples.dtype, device=device)
             norms = torch.zeros(j, dtype=torch.float64, device=device)
             for start, stop, block in _relative_chunks(samples):
@@ -324,10 +336,10 @@ def covariance_spectrum(
     eigenvectors = None
     if return_eigenvectors:
         j = min(k, rank_cap)
-        vecs = torch.zeros(k, dim, dtype=samples.dtype, device=samples.device)
         raw, norms = lift(j)
-        vecs[:j] = _unit_rows(raw, norms, evals[:j], num)
-        eigenvectors = vecs
+        eigenvectors = _unit_rows(raw, norms, evals[:j], num)
+        if j < k:  # rows past the rank are zero
+            eigenvectors = torch.cat([eigenvectors, eigenvectors.new_zeros(k - j, dim)])
     return CovarianceSpectrum(
         eigenvalues=padded[:k] * norm,
         trace=trace_k,
@@ -396,7 +408,7 @@ def g_top5_ratio(gradient: Tensor, eigenvectors: Tensor) -> float:
         )
     # Finiteness from the float64 norm and products (a nan or inf lands there): no
     # separate pass over the vectors.
-    g_norm = float(torch.linalg.vector_norm(g, dtype=torch.float64))
+    g_norm = float(_norms64(g))
     gram, proj = _chunked_products(vectors, g)
     if not (math.isfinite(g_norm) and bool(torch.isfinite(gram).all()) and bool(torch.isfinite(proj).all())):
         raise ValueError("gradient and eigenvectors must be finite")
@@ -711,7 +723,7 @@ def noise_metrics(
         return_eigenvectors=True, gram_dtype=gram_dtype,
     )
     grad_flat = gradient.reshape(-1)
-    grad_norm_sq = float(torch.linalg.vector_norm(grad_flat, dtype=torch.float64) ** 2)
+    grad_norm_sq = float(_norms64(grad_flat)) ** 2
     record: dict[str, float] = {
         "lambda1_K": spec.lambda1,
         "lambda_star_K": spec.lambda_star,

@@ -53,8 +53,11 @@ def _param_list(params: Iterable[Tensor]) -> list[Tensor]:
     return params
 
 
-def _flat_grad(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
-    """Flat gradient in params order via ``autograd.grad``; unreached params give zeros."""
+def _flat_grad(loss: Tensor, params: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
+    """Flat gradient in params order via ``autograd.grad``; unreached params give zeros.
+
+    ``out``: a (D,) tensor to write into (a row of the sample matrix: no extra copy).
+    """
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     pieces = []
     for p, g in zip(params, grads, strict=True):
@@ -62,7 +65,7 @@ def _flat_grad(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
             pieces.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
         else:
             pieces.append((g.to_dense() if g.is_sparse else g).reshape(-1))
-    return torch.cat(pieces)
+    return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)
 
 
 def _check_loss(loss: object, where: str) -> Tensor:
@@ -203,6 +206,9 @@ def microbatch_gradients(
     out: Tensor | None = None
     for i, idx in enumerate(batches):
         loss = _check_loss(loss_of_indices(idx), "loss_of_indices")
+        if out is not None and sketch is None:
+            _flat_grad(loss, params, out=out[i])  # straight into its row
+            continue
         flat = _flat_grad(loss, params)
         if sketch is not None:
             flat = sketch(flat)
