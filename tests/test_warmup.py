@@ -10,7 +10,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, StepLR
 
-from sgdbreak import BreakEvenMonitor, BreakEvenSGD, BreakEvenWarmup, Probe, suggest_lr
+from sgdbreak import (
+    BreakEvenAdam,
+    BreakEvenMonitor,
+    BreakEvenSGD,
+    BreakEvenWarmup,
+    Probe,
+    suggest_lr,
+)
 from sgdbreak.testing import model_hessian
 
 
@@ -274,3 +281,85 @@ def test_break_even_hands_over_at_the_rate_reached_and_scales_after():
     assert reached < 1e4 and after.base_lrs == [pytest.approx(reached)]
     end = handoff[0]["step"]
     assert max(lrs[end:]) <= reached * (1 + 1e-9) and lrs[-1] < reached  # cosine decays from there
+
+
+# --------------------------------------------------------------------------- Adam / AdamW
+
+
+def adam_monitored(lr=0.5, betas=(0.9, 0.999), seed=0):
+    x, y = data()
+    model = mlp(seed)
+    opt = BreakEvenAdam(model.parameters(), lr=lr, betas=betas,
+                        probe=Probe(model, nn.CrossEntropyLoss(), (x[:48], y[:48])), measure_every=2, cheap_every=1)
+    return model, opt, x, y
+
+
+def test_adams_edge_does_not_cap_the_rate_while_its_second_moment_warms_up():
+    """λ1^PH from a v̂ of a few gradients is not a stability bound: the ramp and the guards rule."""
+    model, opt, x, y = adam_monitored()
+    sched = BreakEvenWarmup(opt, rise_steps=10)
+    assert sched.edge_from == 1000  # 1/(1 − β2)
+    start = opt.monitor.events[0]
+    assert start["lr"] > 0.9 * start["edge_lr"]  # the edge at initialization would have capped it
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    lrs = train(model, opt, sched, x, y, 12)
+    assert lrs[:9] == pytest.approx([0.05 * 10 ** (t / 10) for t in range(1, 10)])
+    assert lrs[0] > 0.9 * start["edge_lr"]  # the first steps run above the edge at initialization
+    assert not [e for e in opt.monitor.events if e["event"] == "warmup_backoff"]
+
+
+def test_adams_edge_caps_the_rate_once_warmed_up():
+    model, opt, x, y = adam_monitored()
+    sched = BreakEvenWarmup(opt, rise_steps=10, preconditioner_steps=0)
+    start = opt.monitor.events[0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(min(0.05, 0.9 * start["edge_lr"]), rel=1e-9)
+    lrs = train(model, opt, sched, x, y, 12)
+    handoff = next((e["step"] for e in opt.monitor.events if e["event"] == "warmup_handoff"), 12)
+    capped = [r for r in opt.history if "stability_ratio" in r and r.get("preconditioned_converged", 1) >= 0.5
+              and r["step"] < handoff]
+    assert capped
+    for record in capped:  # after each certified measurement: at most margin times its edge
+        assert lrs[record["step"] - 1] <= 0.9 * record["lr"] / record["stability_ratio"] * (1 + 1e-9)
+
+
+def test_the_second_moment_warmup_follows_beta2_and_is_not_used_for_sgd():
+    assert BreakEvenWarmup(adam_monitored(betas=(0.9, 0.99))[1]).edge_from == 100
+    assert BreakEvenWarmup(adam_monitored()[1], preconditioner_steps=7).edge_from == 7
+    assert BreakEvenWarmup(monitored()[1]).edge_from == 0
+    with pytest.raises(ValueError):
+        BreakEvenWarmup(adam_monitored()[1], preconditioner_steps=-1)
+
+
+def test_adam_resume_is_exact_across_the_second_moment_warmup():
+    kwargs = dict(preconditioner_steps=5, rise_steps=4)
+    full_model, opt, x, y = adam_monitored()
+    full = train(full_model, opt, BreakEvenWarmup(opt, **kwargs), x, y, 12)
+
+    model, opt, x, y = adam_monitored()
+    sched = BreakEvenWarmup(opt, **kwargs)
+    first = train(model, opt, sched, x, y, 4)
+    state = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+    model2, opt2, _, _ = adam_monitored(seed=5)
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    sched2 = BreakEvenWarmup(opt2)  # the defaults: the state restores the rule in force
+    sched2.load_state_dict(state["sched"])
+    assert sched2.edge_from == 5
+    for group, saved in zip(opt2.param_groups, state["opt"]["param_groups"]):
+        group["lr"] = saved["lr"]
+    rest = train(model2, opt2, sched2, x, y, 8, start=4)
+    assert first + rest == full
+    assert all(torch.equal(p, q) for p, q in zip(full_model.parameters(), model2.parameters()))
+
+
+def test_a_break_even_signalled_by_adams_cold_preconditioner_does_not_stop_the_ramp():
+    """The detector's stability rule fires on λ1^PH from v̂ of a few gradients; the ramp goes on."""
+    model, opt, x, y = adam_monitored(lr=20.0)
+    sched = BreakEvenWarmup(opt, rise_steps=40)
+    lrs = train(model, opt, sched, x, y, 30)
+    result = opt.monitor.break_even
+    assert result.reached and result.rule == "stability", "the cold preconditioner's ratio > 1 is a break-even"
+    assert any(r["step"] > result.detected_at and r["stability_ratio"] < 1 for r in opt.history
+               if "stability_ratio" in r), "and a later measurement below the edge would settle it"
+    assert lrs == pytest.approx([2.0 * 10 ** (t / 40) for t in range(1, 31)])
+    assert sched.phase == "warmup" and not any(e["event"] == "warmup_handoff" for e in opt.monitor.events)

@@ -11,8 +11,10 @@ passed, the scheduler sets
 
 where η_edge = lr / stability_ratio of the latest certified measurement: training stays
 below the edge, and the rate never runs ahead of an exponential ramp, because an edge
-measured now does not foresee the sharpening of the next steps. Then it
-hands over to ``after`` (any torch scheduler), which runs from its own start.
+measured now does not foresee the sharpening of the next steps. For Adam/AdamW the edge
+(from the preconditioned λ1^PH) caps the rate only once the second moment v̂ has warmed up,
+after 1/(1 − β2) steps; until then the ramp and the guards rule. Then it hands over to
+``after`` (any torch scheduler), which runs from its own start.
 """
 
 from __future__ import annotations
@@ -53,7 +55,15 @@ class BreakEvenWarmup(LRScheduler):
       ramp starts again from there;
     * two full measurements in a row whose probe loss exceeds ``loss_rise`` × the lowest
       one seen multiply it by ``backoff`` and make the result a ceiling: a small batch can
-      make training unstable below the full-batch edge, and the loss shows it.
+      make training unstable below the full-batch edge, and the loss shows it;
+    * for Adam/AdamW the edge (and the catapult rule above) binds only from step
+      ``preconditioner_steps`` on (default 1/(1 − β2): 1,000 for β2 = 0.999). Before that
+      P = (1 − β1^t)·diag(√v̂ + ε) comes from a few gradients: coordinates whose gradients
+      were small so far have a tiny √v̂, and λ1^PH is 10⁵–10⁸ and jumps a thousandfold
+      between measurements (MNIST CNN), while Adam's update in those coordinates stays
+      bounded and constant-rate runs train well at measured ratios of ~50. Capping by it
+      held Adam's rate at 10⁻³ of the target for tens of steps. Meanwhile the ramp, the
+      loss guard and the non-finite back-off rule; the edge is still measured and logged.
 
     When the target is reached ``after`` starts, from its own start (without ``after`` the
     lr is the target), but until break-even has passed the same rules cap it: the lr is
@@ -80,6 +90,9 @@ class BreakEvenWarmup(LRScheduler):
         rise_steps: the fewest steps in which the rate may rise tenfold (≥ 1).
         loss_rise: the probe-loss factor that counts as rising (> 1), or None for no loss guard.
         tol, max_hvps: accuracy and budget of the initial edge measurement.
+        preconditioner_steps: for optimizers measured by λ1^PH (Adam/AdamW), the steps
+            before the edge may cap the rate (≥ 0); None: ``ceil(1/(1 − β2))`` of the
+            measured group. Ignored for SGD (its edge binds from the start).
 
     Example:
         >>> # opt = BreakEvenSGD(model.parameters(), lr=1.0, momentum=0.9, probe=probe)
@@ -100,6 +113,7 @@ class BreakEvenWarmup(LRScheduler):
         loss_rise: float | None = 2.0,
         tol: float = 1e-3,
         max_hvps: int = 60,
+        preconditioner_steps: int | None = None,
     ) -> None:
         self.margin = V.real("margin", margin, positive=True)
         self.backoff = V.real("backoff", backoff, positive=True)
@@ -126,11 +140,15 @@ class BreakEvenWarmup(LRScheduler):
         bad = [t for t in targets if not (math.isfinite(t) and t > 0)]
         if bad:
             raise ValueError(f"target learning rates must be > 0 (the lr in the param groups), got {targets}")
+        if preconditioner_steps is not None:
+            preconditioner_steps = V.integer("preconditioner_steps", preconditioner_steps, 0)
         group = self.monitor.group
         start = edge_learning_rate(self.monitor, margin=self.margin, tol=tol, max_hvps=max_hvps)
         self.edge_lr = start.edge_lr  # the edge the lr is capped by (margin of it)
+        self.edge_from = 0 if start.sharpness_key != "lambda1_PH" else _preconditioner_steps(
+            optimizer.param_groups[group], preconditioner_steps)
         self.ramp = self.start_fraction  # how far time allows: tenfold per rise_steps, up to 1
-        self.fraction = min(self.ramp, start.lr / targets[group])
+        self.fraction = min(self.ramp, start.lr / targets[group]) if self._edge_binds() else self.ramp
         self.phase = "warmup"
         self.seen_step = self.monitor.step  # records up to here are not the warmup's
         self.above_edge = 0  # full measurements in a row with stability_ratio >= 1
@@ -177,7 +195,7 @@ class BreakEvenWarmup(LRScheduler):
     def _rise(self, group_target: float, steps: int) -> None:
         """Advance the ramp; the fraction is the lowest of the ramp, ``margin`` of the edge and the limit."""
         self.ramp = min(1.0, self.ramp * self.growth ** steps)
-        edge = self.margin * self.edge_lr / group_target if group_target > 0 else math.inf
+        edge = self.margin * self.edge_lr / group_target if group_target > 0 and self._edge_binds() else math.inf
         self.fraction = min(self.ramp, edge, self.limit)
 
     def _advance_after(self, *, start: bool = False) -> list[float]:
@@ -212,7 +230,7 @@ class BreakEvenWarmup(LRScheduler):
                 self.edge_lr = min(self.edge_lr, edge)
                 continue
             self.edge_lr = edge
-            self.above_edge = self.above_edge + 1 if ratio >= 1 else 0
+            self.above_edge = self.above_edge + 1 if ratio >= 1 and self._edge_binds() else 0
             if self.above_edge >= 2:
                 self._back_off(record["step"], "catapult does not resolve")
             elif self._loss_keeps_rising(record.get("loss")):
@@ -220,6 +238,10 @@ class BreakEvenWarmup(LRScheduler):
                 self.limit = self.fraction  # never climb back to a rate at which the loss rose
         if events:
             self._back_off(events[-1]["step"], events[-1].get("reason", "skipped measurement"))
+
+    def _edge_binds(self) -> bool:
+        """Whether the measured edge caps the rate now (Adam: once its v̂ has warmed up)."""
+        return self.monitor.step >= self.edge_from
 
     def _loss_keeps_rising(self, loss: float | None) -> bool:
         """Two full measurements in a row whose probe loss exceeds ``loss_rise`` × the lowest seen.
@@ -244,7 +266,14 @@ class BreakEvenWarmup(LRScheduler):
                                 "fraction": self.fraction})
 
     def _break_even_settled(self) -> bool:
-        """Break-even detected, and a full measurement after it is back below the edge."""
+        """Break-even detected, and a full measurement after it is back below the edge.
+
+        Never while the edge does not bind (Adam's v̂ warming up): there is no cap to
+        release, and the detector's stability rule fires on the cold preconditioner's
+        λ1^PH (ratio ~60 at the first step on MNIST), which would freeze the ramp.
+        """
+        if not self._edge_binds():
+            return False
         result = self.monitor.break_even
         if not result.reached or result.detected_at is None:
             return False
@@ -279,6 +308,14 @@ class BreakEvenWarmup(LRScheduler):
         if after is not None and self.after is not None:
             self.after.load_state_dict(after)
         self.__dict__.update(state)
+
+
+def _preconditioner_steps(group: dict[str, Any], steps: int | None) -> int:
+    """Steps before Adam's preconditioned edge may cap the rate: 1/(1 − β2) unless given."""
+    if steps is not None:
+        return steps
+    beta2 = float(group.get("betas", (0.9, 0.999))[1])
+    return math.ceil(1.0 / (1.0 - beta2) - 1e-6) if beta2 < 1 else 0
 
 
 def _certified_ratio(record: dict[str, float], *, cheap_ok: bool) -> float | None:
