@@ -27,6 +27,7 @@ from sgdbreak import (
     UpdateSharpness,
 )
 from sgdbreak.measurement.breakeven import adam_stability_threshold
+from sgdbreak.measurement import update_rules
 from sgdbreak.measurement.triggers import Every
 from sgdbreak.testing import adam_preconditioner, assert_eigenvalues_close, tiny_problem
 
@@ -336,6 +337,36 @@ def test_the_detector_uses_adams_ratio_only_when_lanczos_converged():
     assert not det.result.reached
     det.update({"step": 2, "stability_ratio": 2.0, "preconditioned_converged": 1.0})
     assert det.result.reached and det.result.step == 2
+
+
+def test_the_detector_skips_adams_ratio_while_v_hat_warms_up():
+    det = BreakEvenDetector(rules=("stability",), stability_keys=("stability_ratio",))
+    for step in (1, 2):
+        det.update({"step": step, "stability_ratio": 59.0, "preconditioned_converged": 1.0,
+                    "preconditioner_warm": 0.0})
+    assert not det.result.reached
+    det.update({"step": 3, "stability_ratio": 2.0, "preconditioned_converged": 1.0, "preconditioner_warm": 1.0})
+    assert det.result.reached and det.result.step == 3
+
+
+@pytest.mark.parametrize("beta2, warm_from", [(0.9, 10), (0.99, 100), (0.999, 1000), (1.0, 0)])
+def test_preconditioner_warmup_steps_follow_beta2(beta2, warm_from):
+    assert update_rules.preconditioner_warmup_steps(beta2) == warm_from
+
+
+def test_records_flag_the_preconditioner_warm_after_one_over_one_minus_beta2_steps():
+    """No break-even from v̂ of a few gradients; Adam's ratio counts from step ⌈1/(1 − β2)⌉ on."""
+    model, data = cnn_problem()
+    probe = Probe(model, nn.CrossEntropyLoss(), (data[0][:24], data[1][:24]))
+    opt = BreakEvenAdam(model.parameters(), lr=0.05, betas=(0.9, 0.8), probe=probe, measure_every=1,
+                        cheap_every=None)  # warm from step 5
+    train(model, data, opt, 8)
+    flags = {r["step"]: r["preconditioner_warm"] for r in opt.history if "lambda1_PH" in r}
+    assert flags == {s: float(s >= 5) for s in range(1, 9)}
+    cold_over = [r["step"] for r in opt.history if r.get("preconditioner_warm") == 0.0 and r["stability_ratio"] >= 1]
+    firings = [f for f in opt.monitor.detector.firings if f.rule == "stability"]
+    assert cold_over, "lr 0.05 puts the cold preconditioner's ratio over 1"
+    assert all(f.step >= 5 for f in firings)
 
 
 # --------------------------------------------------------------------------- the optimizers

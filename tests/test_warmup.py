@@ -353,13 +353,14 @@ def test_adam_resume_is_exact_across_the_second_moment_warmup():
 
 
 def test_a_break_even_signalled_by_adams_cold_preconditioner_does_not_stop_the_ramp():
-    """The detector's stability rule fires on λ1^PH from v̂ of a few gradients; the ramp goes on."""
+    """λ1^PH from v̂ of a few gradients puts the ratio over 1: no stability break-even, the ramp goes on."""
     model, opt, x, y = adam_monitored(lr=20.0)
     sched = BreakEvenWarmup(opt, rise_steps=40)
     lrs = train(model, opt, sched, x, y, 30)
-    result = opt.monitor.break_even
-    assert result.reached and result.rule == "stability", "the cold preconditioner's ratio > 1 is a break-even"
-    assert any(r["step"] > result.detected_at and r["stability_ratio"] < 1 for r in opt.history
-               if "stability_ratio" in r), "and a later measurement below the edge would settle it"
+    over = [r for r in opt.history if r.get("stability_ratio", 0.0) >= 1]
+    assert over, "the cold preconditioner's ratio exceeds 1"
+    assert all(r["preconditioner_warm"] == 0.0 for r in over)
+    assert not any(f.rule == "stability" for f in opt.monitor.detector.firings), \
+        "the detector reads no break-even off a cold preconditioner"
     assert lrs == pytest.approx([2.0 * 10 ** (t / 40) for t in range(1, 31)])
     assert sched.phase == "warmup" and not any(e["event"] == "warmup_handoff" for e in opt.monitor.events)

@@ -54,10 +54,11 @@ DEFAULT_QUALITY_KEYS = {
 }
 """Values the detector uses only when their solver certified them (record key -> flag key)."""
 
-# Adam's stability_ratio comes from the preconditioned solve: when a record carries this flag
-# as well it must be true too, whatever ``quality_keys`` says (kept out of the configuration
-# so checkpoints of earlier versions still load).
-_ALSO_CERTIFIED_BY = {"stability_ratio": "preconditioned_converged"}
+# Adam's stability_ratio comes from the preconditioned solve: when a record carries these
+# flags (the solve converged; v̂ has warmed up) they must be true too, whatever
+# ``quality_keys`` says (kept out of the configuration so checkpoints of earlier versions
+# still load).
+_ALSO_CERTIFIED_BY = {"stability_ratio": ("preconditioned_converged", "preconditioner_warm")}
 
 
 # --------------------------------------------------------------------------- validation
@@ -535,7 +536,7 @@ class BreakEvenDetector:
     def _certified(self, record: Mapping[str, Any], key: str) -> bool:
         """False when the record flags ``key``'s measurement as not certified."""
         return all(_flag_true(record, flag)
-                   for flag in (self._quality_keys.get(key), _ALSO_CERTIFIED_BY.get(key)))
+                   for flag in (self._quality_keys.get(key), *_ALSO_CERTIFIED_BY.get(key, ())))
 
     def _parse_step(self, record: Mapping[str, Any]) -> int:
         if "step" not in record:

@@ -278,7 +278,9 @@ class PreconditionedSharpness(_WarmLanczos):
     (``max_exp_avg_sq`` with ``amsgrad``); the Hessian products come from the shared
     operator. Adam's edge is η·λ1_PH = (2 + 2β1)/(1 − β1), 38 for β1 = 0.9 (Cohen et al.
     2022), so ``stability_ratio`` = η·λ1_PH/threshold; ``preconditioned_converged``
-    certifies it for the detector.
+    certifies it for the detector, and so does ``preconditioner_warm`` (1 once Adam has
+    taken ⌈1/(1 − β2)⌉ steps, :func:`~sgdbreak.measurement.update_rules.preconditioner_warmup_steps`):
+    with a v̂ from a few gradients the ratio is recorded but no break-even is read off it.
 
     Conventions (:func:`sgdbreak.measurement.update_rules.adam_scaling`): with Adam's
     coupled ``weight_decay`` the operator is P^{-1/2}(H + wd·I)P^{-1/2}, the Hessian the
@@ -330,6 +332,9 @@ class PreconditionedSharpness(_WarmLanczos):
 
         res = self._solve(matvec, ctx)
         out = {"lambda1_PH": float(res.eigenvalues[0]), "preconditioned_converged": float(res.converged)}
+        beta2 = ur.inner_optimizer(ctx.optimizer).param_groups[ctx.hyper.get("group", 0)]["betas"][1]
+        out["preconditioner_warm"] = float(
+            ur.adam_steps_taken(ctx.optimizer, ctx.params) >= ur.preconditioner_warmup_steps(beta2))
         for i, value in enumerate(res.eigenvalues.tolist()):
             out[f"eig_PH_{i + 1}"] = value
         ratio = ctx.preconditioned_stability_ratio(out["lambda1_PH"])

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,8 +22,8 @@ from torch import Tensor
 from ..errors import NonFiniteMeasurement
 from . import breakeven as be
 
-__all__ = ["ADAM", "SGD", "adam_scaling", "edge_entries", "hyperparameters", "inner_optimizer",
-           "stability_rule"]
+__all__ = ["ADAM", "SGD", "adam_scaling", "adam_steps_taken", "edge_entries", "hyperparameters",
+           "inner_optimizer", "preconditioner_warmup_steps", "stability_rule"]
 
 SGD = "sgd"
 ADAM = "adam"
@@ -107,6 +108,25 @@ def edge_entries(hyper: dict[str, Any]) -> dict[str, float]:
     if rule == ADAM:
         return {"edge_sharpness_PH": adam_threshold(hyper) / lr}
     return {}
+
+
+def preconditioner_warmup_steps(beta2: float) -> int:
+    """Steps after which Adam's v̂ is an average worth a stability analysis: ⌈1/(1 − β2)⌉.
+
+    Before that v̂ rests on a few squared gradients (v̂ = g² after one step), so coordinates
+    with small early gradients get a huge 1/√v̂ and λ1(P⁻¹H) is 1e5–1e8 on MNIST nets,
+    while Adam's actual step there is bounded by about η (m̂/√v̂ ≈ ±1): the linearised
+    edge does not describe the update yet. 1,000 steps for β2 = 0.999; 0 for β2 = 1.
+    """
+    beta2 = float(beta2)
+    return math.ceil(1.0 / (1.0 - beta2) - 1e-6) if beta2 < 1 else 0
+
+
+def adam_steps_taken(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> int:
+    """Adam's step count t for ``params`` (the smallest over those with state; 0 before any)."""
+    inner = inner_optimizer(optimizer)
+    steps = [int(float(inner.state[p]["step"])) for p in params if "step" in inner.state.get(p, {})]
+    return min(steps) if steps else 0
 
 
 def adam_scaling(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], group: int,

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
 from .. import _validation as V
+from ..measurement import update_rules as ur
 from ..measurement.monitor import BreakEvenMonitor
 from .schedulers import find_monitor
 from .suggest import edge_learning_rate
@@ -314,8 +315,7 @@ def _preconditioner_steps(group: dict[str, Any], steps: int | None) -> int:
     """Steps before Adam's preconditioned edge may cap the rate: 1/(1 − β2) unless given."""
     if steps is not None:
         return steps
-    beta2 = float(group.get("betas", (0.9, 0.999))[1])
-    return math.ceil(1.0 / (1.0 - beta2) - 1e-6) if beta2 < 1 else 0
+    return ur.preconditioner_warmup_steps(group.get("betas", (0.9, 0.999))[1])
 
 
 def _certified_ratio(record: dict[str, float], *, cheap_ok: bool) -> float | None:
