@@ -26,8 +26,8 @@ from sgdbreak import (
     Sharpness,
     UpdateSharpness,
 )
-from sgdbreak.measurement.breakeven import adam_stability_threshold
 from sgdbreak.measurement import update_rules
+from sgdbreak.measurement.breakeven import adam_stability_threshold
 from sgdbreak.measurement.triggers import Every
 from sgdbreak.testing import adam_preconditioner, assert_eigenvalues_close, tiny_problem
 

@@ -7,13 +7,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sgdbreak.errors import NonFiniteMeasurement
 from sgdbreak.estimators.linalg import (
     as_linear_operator,
     hutchinson_trace,
     lanczos,
     power_iteration,
 )
-from sgdbreak.errors import NonFiniteMeasurement
 from sgdbreak.testing import symmetric_matrix_with_spectrum
 from sgdbreak.testing.strategies import spectra
 
