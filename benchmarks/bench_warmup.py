@@ -128,7 +128,7 @@ def run(dataset: str, kind: str, method: str, target: float, seed: int, steps: i
     wall = time.perf_counter() - start
     acc = 0.1 if diverged else accuracy(model, test)
     diverged = diverged or not all(torch.isfinite(p).all() for p in model.parameters()) or acc <= 0.15
-    out = {"dataset": dataset, "optimizer": kind, "method": method, "target": target, "seed": seed,
+    out = {"dataset": dataset, "optimizer": kind, "method": method, "target": target, "seed": seed, "steps": steps,
            "warmup": warmup, "test_accuracy": acc, "diverged": diverged, "seconds": wall}
     if monitor is not None:
         key = "lambda1_PH" if any("lambda1_PH" in r for r in monitor.history) else "lambda1_H"
@@ -234,10 +234,12 @@ def main(argv=None) -> int:
     if not methods <= {"constant", "linear", "auto"}:
         parser.error(f"--methods: unknown {sorted(methods - {'constant', 'linear', 'auto'})}")
     results = []
+    settings = {}  # dataset -> (steps, warmup lengths): reused runs must match them
     for dataset in args.datasets.split(","):
         steps = args.steps or (40 if args.quick else {"digits": 600, "mnist": 300}[dataset])
         lengths = ([int(w) for w in args.warmup_lengths.split(",")] if args.warmup_lengths
                    else sorted({max(1, steps // 20), max(1, steps // 5), max(1, steps // 2)}))
+        settings[dataset] = (steps, lengths)
         for kind in args.optimizers.split(","):
             grid = [float(v) for v in args.lrs.split(",")] if args.lrs else LR_GRIDS[(dataset, kind)]
             if args.quick:
@@ -257,6 +259,12 @@ def main(argv=None) -> int:
                 if r["method"] not in methods | {"plain"} and r["seed"] in seeds
                 and r["dataset"] in args.datasets.split(",") and r["optimizer"] in args.optimizers.split(",")
                 and (not args.lrs or r["target"] in {float(v) for v in args.lrs.split(",")})]
+        for r in kept:  # runs saved before "steps" was recorded are taken on trust
+            steps, lengths = settings[r["dataset"]]
+            if r.get("steps", steps) != steps or (r["method"] == "linear" and r["warmup"] not in lengths):
+                parser.error(f"--reuse: {args.reuse} has a {r['dataset']} {r['method']} run with steps="
+                             f"{r.get('steps')} warmup={r['warmup']}, this run uses steps={steps} "
+                             f"warmup lengths {lengths}: rerun those methods or match the settings")
         print(f"reused {len(kept)} runs of {sorted({r['method'] for r in kept})} from {args.reuse}")
         results += kept
     rows = summarize(results)
