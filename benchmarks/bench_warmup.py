@@ -204,6 +204,9 @@ def figure(rows: list[dict], path: Path) -> None:
             xs = [r["target"] for r in sub if f"{method}_acc" in r]
             ax.plot(xs, [r[f"{method}_acc"] for r in sub if f"{method}_acc" in r], style, label=method)
         ax.set_xscale("log")
+        targets = sorted({r["target"] for r in sub})  # the grid itself as ticks, no crowded minor labels
+        ax.set_xticks(targets, [f"{t:g}" for t in targets])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("target learning rate")
         ax.set_ylabel("final test accuracy (mean over seeds)")
         ax.set_title(f"{dataset}, {kind}")
