@@ -53,7 +53,7 @@ RECIPE = Recipe(
     name="break_even",
     title="Break-even measurement",
     description=__doc__.split("\n\n")[0],
-    defaults=dict(output_dir="runs/break_even", lrs=(0.01, 0.1), max_steps=300, primary="singular"),
+    defaults=dict(output_dir="runs/break_even", lrs=(0.01, 0.1), max_steps=900, primary="singular"),
     columns=(
         Column("max λ1^H", "max_lambda1_H"),
         Column("(smoothed)", "max_lambda1_H_smoothed"),
