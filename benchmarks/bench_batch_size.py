@@ -41,7 +41,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import markdown_table  # noqa: E402
+from common import markdown_table, pyplot  # noqa: E402
 
 import sgdbreak  # noqa: E402
 from sgdbreak.optim.batch_size import lr_factor  # noqa: E402
@@ -192,13 +192,8 @@ def markdown(rows: list[dict]) -> str:
 
 def figure(results: list[dict], path: Path) -> None:
     """Per data set and rule: test accuracy against optimizer steps (seed 0) and the controller's S."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no figure")
+    plt = pyplot()
+    if plt is None:
         return
     panels = sorted({(r["dataset"], r["rule"]) for r in results if r["method"] != "plain"})
     fig, axes = plt.subplots(2, len(panels), figsize=(4.4 * len(panels), 6.4), squeeze=False)

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import markdown_table  # noqa: E402
+from common import markdown_table, pyplot  # noqa: E402
 
 import sgdbreak  # noqa: E402
 from sgdbreak.workloads import datasets, models  # noqa: E402
@@ -188,13 +188,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def figure(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no figure")
+    plt = pyplot()
+    if plt is None:
         return
     panels = sorted({(r["dataset"], r["optimizer"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
@@ -206,7 +201,7 @@ def figure(rows: list[dict], path: Path) -> None:
         ax.set_xscale("log")
         targets = sorted({r["target"] for r in sub})  # the grid itself as ticks, no crowded minor labels
         ax.set_xticks(targets, [f"{t:g}" for t in targets])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("target learning rate")
         ax.set_ylabel("final test accuracy (mean over seeds)")
         ax.set_title(f"{dataset}, {kind}")

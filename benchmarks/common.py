@@ -76,6 +76,19 @@ def timed(fn, repeat: int = 1):
     return out, statistics.median(times)
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None (and a message) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no figure")
+        return None
+    return plt
+
+
 def table(rows: list[dict], columns: list[str]) -> str:
     """A plain-text table."""
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
