@@ -116,7 +116,8 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(name: str, probe_size: int, repeat: int, device_name: str) -> dict:
+def child(name: str, probe_size: int, repeat: int, device_name: str, chunk_size: int | None = 256,
+          keep_graph: bool = True) -> dict:
     import torch
     from common import setup
     from torch import nn
@@ -133,7 +134,8 @@ def child(name: str, probe_size: int, repeat: int, device_name: str) -> dict:
     x, y = x.to(device), y.to(device)
     model = build(*MODELS[name]).to(device)
     dim = sum(p.numel() for p in model.parameters())
-    probe = Probe(model, nn.CrossEntropyLoss(), (px.to(device), py.to(device)))
+    probe = Probe(model, nn.CrossEntropyLoss(), (px.to(device), py.to(device)), chunk_size=chunk_size,
+                  keep_graph=keep_graph)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
 
@@ -167,6 +169,9 @@ def child(name: str, probe_size: int, repeat: int, device_name: str) -> dict:
     with PeakMeter(device) as meter:
         rec = mon.measure()
     measure_peak = meter.bytes
+    # Same parameters for every probe size (nothing random has been drawn from ``gen`` by
+    # a measurement yet) and nested probes: this column shows what the probe size changes.
+    lambda1 = rec["lambda1_H"]
     rows: dict[str, list[float]] = {k: [] for k in ("sgd", "full", "hvps", "hvp", "solve", "samples", "spectrum",
                                                      "gram")}
     rows["hvps"].append(rec["num_hvps"])
@@ -202,7 +207,8 @@ def child(name: str, probe_size: int, repeat: int, device_name: str) -> dict:
     noise_s = statistics.median(rows["samples"]) + statistics.median(rows["spectrum"])
     physical = statistics.median(rows["samples"]) + statistics.median(rows["gram"])
     return {
-        "model": name, "params": dim, "probe": probe_size, "device": device.type,
+        "model": name, "params": dim, "probe": probe_size, "device": device.type, "lambda1_H": lambda1,
+        "chunk_size": probe.chunk_size, "keep_graph": keep_graph,
         "sgd_step_s": step,
         "full_s": statistics.median(rows["full"]), "full_x_step": statistics.median(rows["full"]) / step,
         "hvps_warm": statistics.median(rows["hvps"][1:]), "hvps_first_warm": rows["hvps"][0],
@@ -223,10 +229,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--quick", action="store_true", help="two small models, probe 100, one repeat (CI)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--chunk-size", type=int, default=256, help="the probe's chunk_size (examples per pass)")
+    ap.add_argument("--rebuild-graph", action="store_true",
+                    help="Probe(keep_graph=False): one chunk's graph at a time, rebuilt for every product "
+                         "(less memory, slower)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        out = child(args.child[0], int(args.child[1]), args.repeat, args.device)
+        out = child(args.child[0], int(args.child[1]), args.repeat, args.device, args.chunk_size,
+                    not args.rebuild_graph)
         print("RESULT " + json.dumps(out))
         return
     if args.quick:
@@ -236,7 +247,7 @@ def main() -> None:
     rows = []
     for name, size in jobs:
         cmd = [sys.executable, __file__, "--child", name, str(size), "--repeat", str(args.repeat),
-               "--device", args.device]
+               "--device", args.device, "--chunk-size", str(args.chunk_size)] + (["--rebuild-graph"] * args.rebuild_graph)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -247,7 +258,7 @@ def main() -> None:
               f"full {r['full_x_step']:6.1f} steps ({r['hvps_warm']:.0f} HVPs), HVP {r['hvp_x_step']:5.2f} steps, "
               f"bookkeeping {r['bookkeeping']:+.0%}, noise {r['noise_x_step']:5.1f} steps = "
               f"{r['noise_x_physical']:.2f}x physical, memory {r['measure_peak_mb']:.0f} MB vs step "
-              f"{r['train_peak_mb']:.0f} MB", flush=True)
+              f"{r['train_peak_mb']:.0f} MB, lambda1_H {r['lambda1_H']:.4g}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -257,16 +268,24 @@ def main() -> None:
 def markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table (ratios to the SGD step of the same model)."""
     head = ("| model | params | probe | SGD step (ms) | full measurement (× step) | warm HVPs | HVP (× step) "
-            "| Lanczos bookkeeping | noise (× step) | noise (× physical) | peak MB measure / step |")
+            "| Lanczos bookkeeping | noise (× step) | noise (× physical) | peak MB measure / step | λ1^H |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         mem = r["measure_x_train_memory"]
         lines.append(
-            f"| {r['model']} | {r['params']:,} | {r['probe']} | {r['sgd_step_s'] * 1e3:.1f} | {r['full_x_step']:.1f} "
+            f"| {r['model']} | {r['params']:,} | {_probe_label(r)} | {r['sgd_step_s'] * 1e3:.1f} | {r['full_x_step']:.1f} "
             f"| {r['hvps_warm']:.0f} | {r['hvp_x_step']:.2f} | {r['bookkeeping']:+.0%} | {r['noise_x_step']:.1f} "
             f"| {r['noise_x_physical']:.2f} | {r['measure_peak_mb']:.0f} / {r['train_peak_mb']:.0f}"
-            f"{f' ({mem:.1f}×)' if mem else ''} |")
+            f"{f' ({mem:.1f}×)' if mem else ''} | {r.get('lambda1_H', float('nan')):.4g} |")
     return "\n".join(lines)
+
+
+def _probe_label(r: dict) -> str:
+    """The probe size, with its chunking when not the default (chunks of 256, graph kept)."""
+    chunk, keep = r.get("chunk_size", 256), r.get("keep_graph", True)
+    if keep and chunk >= min(256, r["probe"]):
+        return str(r["probe"])
+    return f"{r['probe']} (chunks of {chunk}{'' if keep else ', graph rebuilt per product'})"
 
 
 def _cuda() -> bool:

@@ -80,6 +80,29 @@ def test_thick_restart_bounds_basis_and_still_converges():
     torch.testing.assert_close(res.eigenvalues, torch.tensor([5.0, 4.0], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("grow", [False, True])
+def test_basis_buffers_hold_rows_in_order_whether_preallocated_or_grown(grow):
+    from sgdbreak.estimators.linalg import _Basis
+
+    rows = torch.randn(7, 5, dtype=torch.float64, generator=gen(3))
+    basis = _Basis(5, 7, torch.float64, "cpu", initial=2, grow=grow)
+    assert basis._v.shape[0] == (2 if grow else 7)  # CPU default: preallocated (lazy pages)
+    for chunk in (rows[:1], rows[1:4], rows[4:]):  # grows past the initial capacity when growing
+        for x in chunk:
+            basis.stage().copy_(x)
+        if basis.size + basis.staged < 7:
+            basis.stage().fill_(9.0)
+            basis.unstage()  # a rejected vector leaves no trace
+        basis.pending_images.copy_(2 * basis.pending)
+        assert basis.commit() == len(chunk)
+    assert torch.equal(basis.V, rows) and torch.equal(basis.AV, 2 * rows)
+    with pytest.raises(RuntimeError, match="full"):
+        basis.stage()
+    basis.replace(rows[5:], 3 * rows[5:])
+    assert torch.equal(basis.V, rows[5:]) and torch.equal(basis.AV, 3 * rows[5:])
+    assert basis.staged == 0 and basis.stage().shape == (5,)
+
+
 def test_estimates_trace_the_convergence_of_the_top_ritz_value():
     ev = torch.tensor([5.0, 4.0] + list(np.linspace(-1, 1, 98)), dtype=torch.float64)
     A = symmetric_matrix_with_spectrum(ev, generator=gen(4))

@@ -355,7 +355,9 @@ def test_adam_resume_is_exact_across_the_second_moment_warmup():
 def test_a_break_even_signalled_by_adams_cold_preconditioner_does_not_stop_the_ramp():
     """λ1^PH from v̂ of a few gradients puts the ratio over 1: no stability break-even, the ramp goes on."""
     model, opt, x, y = adam_monitored(lr=20.0)
-    sched = BreakEvenWarmup(opt, rise_steps=40)
+    # At lr 20 the probe loss is chaotic (its guard fired at step 30 on one CPU and not on
+    # another): off here, this test is about the stability rule alone.
+    sched = BreakEvenWarmup(opt, rise_steps=40, loss_rise=None)
     lrs = train(model, opt, sched, x, y, 30)
     over = [r for r in opt.history if r.get("stability_ratio", 0.0) >= 1]
     assert over, "the cold preconditioner's ratio exceeds 1"

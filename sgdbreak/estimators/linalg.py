@@ -104,8 +104,8 @@ def _random_vector(dim: int, dtype, device, generator) -> Tensor:
     return torch.randn(dim, dtype=dtype, device="cpu", generator=generator).to(device)
 
 
-def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
-    """Classical Gram-Schmidt against the rows of ``basis``, repeated once if needed (DGKS).
+def _orthogonalize_(w: Tensor, basis: Tensor) -> Tensor:
+    """Classical Gram-Schmidt of ``w`` against the rows of ``basis``, in place, repeated once if needed (DGKS).
 
     The second pass runs only when the first removed most of ``w`` (its norm fell below
     1/√2 of what it was): rounding may then have left components along the basis.
@@ -114,25 +114,32 @@ def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
     if basis.shape[0] == 0:
         return w
     before = torch.linalg.vector_norm(w)
-    w = w - basis.T @ (basis @ w)
+    w.addmv_(basis.T, basis @ w, alpha=-1.0)  # one pass over the basis, no temporary
     if torch.linalg.vector_norm(w) < 0.7071 * before:
-        w = w - basis.T @ (basis @ w)
+        w.addmv_(basis.T, basis @ w, alpha=-1.0)
     return w
 
 
 class _Basis:
-    """The Lanczos basis V and its images AV, rows of two growing buffers.
+    """The Lanczos basis V and its images AV, rows of two buffers.
 
-    Capacity doubles as needed (up to ``max_rows``), so appending never re-stacks the
-    whole basis and memory is that of the vectors held (at most ``2 * max_rows``).
+    New vectors are written straight into the rows after V (``stage``), multiplied into
+    the matching rows of AV and then ``commit``-ted: no vector of length ``dim`` is
+    allocated, stacked or copied on the way (on CPU a fresh one costs its page faults,
+    about as much as a pass over it). On CPU both buffers hold ``max_rows`` rows from the
+    start: pages of an unwritten ``torch.empty`` are not resident, so memory is still that
+    of the vectors held, and the basis is never copied into a larger buffer. Elsewhere
+    (``grow``) capacity doubles as needed, up to ``max_rows``.
     """
 
-    def __init__(self, dim: int, max_rows: int, dtype, device, initial: int = 4):
+    def __init__(self, dim: int, max_rows: int, dtype, device, initial: int = 4, grow: bool | None = None):
         self.max_rows = max_rows
-        cap = min(max_rows, max(initial, 1))
+        grow = torch.device(device).type != "cpu" if grow is None else grow
+        cap = min(max_rows, max(initial, 1)) if grow else max_rows
         self._v = torch.empty(cap, dim, dtype=dtype, device=device)
         self._av = torch.empty(cap, dim, dtype=dtype, device=device)
-        self.size = 0
+        self.size = 0  # rows of V (multiplied)
+        self.staged = 0  # rows written after them, not yet multiplied
 
     @property
     def V(self) -> Tensor:
@@ -142,23 +149,43 @@ class _Basis:
     def AV(self) -> Tensor:
         return self._av[: self.size]
 
-    def append(self, v: Tensor, av: Tensor) -> None:
-        """Add rows ``v`` (b, dim) and their images ``av``."""
-        need = self.size + v.shape[0]
+    @property
+    def pending(self) -> Tensor:
+        """The staged vectors, rows after V."""
+        return self._v[self.size : self.size + self.staged]
+
+    @property
+    def pending_images(self) -> Tensor:
+        """The rows of AV their images go into."""
+        return self._av[self.size : self.size + self.staged]
+
+    def stage(self) -> Tensor:
+        """The next free row of V (a view), to write a new vector into."""
+        need = self.size + self.staged + 1
+        if need > self.max_rows:
+            raise RuntimeError("Lanczos basis full")  # callers restart first
         if need > self._v.shape[0]:
             cap = min(self.max_rows, max(need, 2 * self._v.shape[0]))
             for name in ("_v", "_av"):
                 old = getattr(self, name)
                 new = old.new_empty(cap, old.shape[1])
-                new[: self.size] = old[: self.size]
+                new[: need - 1] = old[: need - 1]
                 setattr(self, name, new)
-        self._v[self.size : need] = v
-        self._av[self.size : need] = av
-        self.size = need
+        self.staged += 1
+        return self._v[need - 1]
+
+    def unstage(self) -> None:
+        """Drop the last staged row (a rejected vector)."""
+        self.staged -= 1
+
+    def commit(self) -> int:
+        """The staged vectors, their images written, join V. Returns how many."""
+        b, self.size, self.staged = self.staged, self.size + self.staged, 0
+        return b
 
     def replace(self, v: Tensor, av: Tensor) -> None:
-        """Restart: the basis becomes the rows of ``v``, with images ``av``."""
-        self.size = v.shape[0]
+        """Restart: the basis becomes the rows of ``v``, with images ``av`` (nothing staged)."""
+        self.size, self.staged = v.shape[0], 0
         self._v[: self.size] = v
         self._av[: self.size] = av
 
@@ -182,14 +209,21 @@ def _as_start_block(init, dim: int, dtype, device) -> list[Tensor]:
     return [row.to(dtype=dtype, device=device) for row in block]
 
 
-def _apply_block(matvec: Matvec, block: Tensor) -> Tensor:
-    """A x for every row x of ``block``: one batched call when the operator has ``matmat``."""
-    if block.shape[0] == 1:  # a view, not a copy: the vectors can be millions long
-        return matvec(block[0]).unsqueeze(0)
+def _apply_block(matvec: Matvec, block: Tensor, out: Tensor) -> None:
+    """Write A x into ``out``'s rows for every row x of ``block`` (one batched call when the operator has ``matmat``)."""
+    dim = block.shape[1]
+
+    def check(image: Tensor, shape: tuple[int, ...]) -> Tensor:
+        if tuple(image.shape) != shape:
+            raise ValueError(f"matvec returned shape {tuple(image.shape[len(shape) - 1:])}, expected {(dim,)}")
+        return image
+
     matmat = getattr(matvec, "matmat", None)
-    if matmat is not None:
-        return matmat(block)
-    return torch.stack([matvec(x) for x in block])
+    if block.shape[0] > 1 and matmat is not None:
+        out.copy_(check(matmat(block), tuple(block.shape)))
+        return
+    for x, row in zip(block, out):
+        row.copy_(check(matvec(x), (dim,)))
 
 
 def lanczos(
@@ -255,46 +289,50 @@ def lanczos(
         raise ValueError(f"max_basis={max_basis} must be at least k + 2 = {k + 2}")
     max_basis = min(max_basis, dim)
 
-    def stacked(rows: list[Tensor]) -> Tensor:
-        return torch.stack(rows) if rows else torch.empty(0, dim, dtype=dtype, device=device)
-
-    pending: list[Tensor] = []  # vectors waiting to be multiplied
-    for v in _as_start_block(init, dim, dtype, device):
-        peak = v.abs().max()
-        v = v / peak if 0 < peak < math.inf else v  # scaled first: a huge vector's norm overflows
-        v = _orthogonalize(v, stacked(pending))
-        n = v.norm()
-        if n > 1e-6 * max(1.0, v.abs().max().item()):
-            pending.append(v / n)
-    # Pad the start block with random vectors up to ``block_size`` (default k): a single
-    # Krylov sequence cannot see the second copy of a repeated eigenvalue, a block can.
+    # The start block, written straight into the basis: the warm-start vectors, orthonormalised
+    # (each scaled first: a huge vector's norm overflows), padded with random vectors up to
+    # ``block_size`` (default k): a single Krylov sequence cannot see the second copy of a
+    # repeated eigenvalue, a block can. At most max_basis - 1 of them, and max_matvecs.
     block_size = k if block_size is None else block_size
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-    while len(pending) < min(block_size, dim):
-        v = _orthogonalize(_random_vector(dim, dtype, device, generator), stacked(pending))
-        pending.append(v / v.norm())
-    pending = pending[: max_basis - 1] if len(pending) >= max_basis else pending
-    pending = pending[: max(1, max_matvecs)]
+    start = _as_start_block(init, dim, dtype, device)
+    cap = min(max_basis - 1, max(1, max_matvecs)) if max_basis > 1 else 1
+    basis = _Basis(dim, max_basis, dtype, device, initial=max(len(start), block_size) + 3)
+    for v in start:
+        if basis.staged >= cap:
+            break
+        row = basis.stage()
+        row.copy_(v)
+        peak = torch.linalg.vector_norm(row, math.inf)
+        if 0 < peak < math.inf:
+            row.div_(peak)
+        _orthogonalize_(row, basis.pending[:-1])
+        n = row.norm()
+        if n > 1e-6 * max(1.0, row.abs().max().item()):
+            row.div_(n)
+        else:
+            basis.unstage()
+    while basis.staged < min(block_size, dim, cap):
+        row = basis.stage()
+        row.copy_(_random_vector(dim, dtype, device, generator))
+        _orthogonalize_(row, basis.pending[:-1])
+        row.div_(row.norm())
 
-    basis = _Basis(dim, max_basis, dtype, device, initial=len(pending) + 3)
     T = torch.zeros(0, 0, dtype=torch.float64)  # projected matrix V^T A V
     num = 0
     best = None
     estimates: list[tuple[int, float]] = []
     while True:
-        # Multiply the pending vectors (the start block in one batched call when the
+        # Multiply the staged vectors (the start block in one batched call when the
         # operator allows) and extend the projected matrix.
-        block = pending[0].unsqueeze(0) if len(pending) == 1 else torch.stack(pending)
-        pending = []
-        images = _apply_block(matvec, block)
-        num += block.shape[0]
-        if images.shape != block.shape:
-            raise ValueError(f"matvec returned shape {tuple(images.shape[1:])}, expected {(dim,)}")
-        basis.append(block, images)
-        m, b = basis.size, block.shape[0]
+        _apply_block(matvec, basis.pending, basis.pending_images)
+        b = basis.commit()
+        num += b
+        m = basis.size
+        images = basis.AV[m - b :]
         # V^T A v for the new vectors; a nan or inf in an image lands here (no extra pass).
-        new_cols = (basis.V @ images.T).double().cpu()
+        new_cols = (basis.V @ images[0] if b == 1 else basis.V @ images.T).reshape(m, b).double().cpu()
         if not bool(torch.isfinite(new_cols).all()):
             raise NonFiniteMeasurement("matvec returned non-finite values")
         T_new = torch.zeros(m, m, dtype=torch.float64)
@@ -313,11 +351,15 @@ def lanczos(
         # vectors are kept as the next warm start (eigenvectors swap order in training).
         # Residuals A V y - θ V y of the wanted pairs only, straight from the two buffers
         # (no Ritz vectors needed); norms in the vectors' dtype (a float64 copy cost more).
+        # With one wanted pair its residual is computed in the next free row, where it is
+        # the next vector if the solve goes on.
         nr = min(m, k + 2)
         Yr = Y[:, :nr].to(dtype=dtype, device=device)
         Yw = Yr[:, :kk]
         theta_w = theta[:kk].to(dtype=dtype, device=device)
-        resid_vecs = torch.addmm(Yw.T @ basis.AV, (Yw * theta_w).T, basis.V, alpha=-1.0)
+        in_place = kk == 1 and m < max_basis
+        out = basis.stage().unsqueeze(0) if in_place else None
+        resid_vecs = torch.mm(Yw.T, basis.AV, out=out).addmm_((Yw * theta_w).T, basis.V, alpha=-1.0)
         res = torch.linalg.vector_norm(resid_vecs, dim=1).double().cpu()
         bounds = _error_bounds(theta[:nr], res, kk, convergence)
         scale = max(theta.abs().max().item(), torch.finfo(dtype).tiny)
@@ -330,19 +372,20 @@ def lanczos(
         # Expand with the residual of the first unconverged wanted Ritz vector.
         unconverged = (bounds > tol * scale).nonzero().flatten()
         j = int(unconverged[0]) if len(unconverged) else 0
-        r = resid_vecs[j]
         if m >= max_basis:
             keep = max(k + 1, max_basis // 2)
             Yk = Y[:, :keep].to(dtype=dtype, device=device)
             basis.replace(Yk.T @ basis.V, Yk.T @ basis.AV)
             T = torch.diag(theta[:keep])
-        r = _orthogonalize(r, basis.V)
+        r = resid_vecs[0] if in_place else basis.stage().copy_(resid_vecs[j])
+        _orthogonalize_(r, basis.V)
         norm = float(torch.linalg.vector_norm(r))  # nan or inf when r is not finite
         if not math.isfinite(norm) or norm <= 1e-10 * max(scale, 1.0):
             # Invariant subspace: continue from a fresh random direction.
-            r = _orthogonalize(_orthogonalize(_random_vector(dim, dtype, device, generator), basis.V), basis.V)
+            r.copy_(_random_vector(dim, dtype, device, generator))
+            _orthogonalize_(_orthogonalize_(r, basis.V), basis.V)
             norm = float(torch.linalg.vector_norm(r))
-        pending.append(r / norm)
+        r.div_(norm)
 
     theta, ritz, res, bounds = best
     if len(theta) < k:  # dim == m < k cannot happen (k <= dim); guard anyway
