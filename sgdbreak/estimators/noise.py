@@ -248,12 +248,16 @@ def _gram_eigh(samples: Tensor, gram_dtype: torch.dtype | None = torch.float64):
 def _unit_rows(raw: Tensor, norms: Tensor, evals: Tensor, num: int) -> Tensor:
     """Normalise lifted eigenvectors in place; rows with roundoff-level eigenvalues become zero.
 
-    The sign is fixed so that the entry of largest magnitude is positive (deterministic).
+    The sign is fixed so that the entry of largest magnitude is positive (deterministic;
+    on a tie between a positive and a negative entry, the positive one). Read off the
+    rows' minima and maxima: an ``abs`` copy and ``argmax`` over (k, D) cost a third of
+    the noise spectrum at 5.8 M parameters, the two reductions a fifth of that.
     """
     top = float(evals[0]) if evals.numel() else 0.0
     tol = 8.0 * num * _EPS64 * top
     keep = (evals[: raw.shape[0]] > tol) & (norms > 0) & (top > 0)
-    peak = raw.gather(1, raw.abs().argmax(dim=1, keepdim=True)).squeeze(1).cpu()
+    low, high = raw.amin(dim=1), raw.amax(dim=1)  # two vectorised passes: faster than aminmax here
+    peak = torch.where(high >= -low, high, low).cpu()
     sign = torch.where(peak >= 0, 1.0, -1.0).to(torch.float64)
     factor = torch.where(keep, sign / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
     return raw.mul_(factor.to(device=raw.device, dtype=raw.dtype).unsqueeze(1))
