@@ -522,3 +522,12 @@ def test_native_gram_gives_exact_zeros_for_identical_samples():
     spec = covariance_spectrum(x, return_eigenvectors=True, gram_dtype=None)
     assert torch.all(spec.eigenvalues == 0) and spec.trace == 0
     assert math.isnan(spec.cond) and torch.all(spec.eigenvectors == 0)
+
+
+def test_noise_eigenvectors_have_their_largest_magnitude_entry_positive():
+    raw = torch.tensor([[1.0, -3.0, 2.0], [0.5, 2.0, -1.0], [-2.0, 2.0, 0.0]])
+    norms = torch.linalg.vector_norm(raw, dim=1).double()
+    out = noise._unit_rows(raw.clone(), norms, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), 4)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
+    assert out[0, 1] > 0 and out[1, 1] > 0  # flipped / kept
+    assert out[2, 1] > 0  # a tie between +2 and -2: the positive entry wins
