@@ -11,11 +11,15 @@ with measurements and taking medians:
   solve's time beyond its products, as a fraction of the products' time;
 * ``noise / physical``: the noise spectrum (samples + spectrum + ‖g‖/‖g5‖) against its
   physical cost, the L gradient samples plus one L×L Gram product in the samples' dtype;
+* ``lambda1_H`` of the first measured point (the same parameters for every probe size, and
+  nested probes: what the probe size changes);
+* with ``--chunk-size N --rebuild-graph``: the probe in chunks of N with one chunk's graph
+  at a time, rebuilt for every product (``Probe(keep_graph=False)``: less memory, slower);
 * peak memory of a measurement and of a training step above what was held before it:
   CUDA ``max_memory_allocated``, or on CPU the resident set sampled every millisecond
   (coarse: the allocator may reuse pages it kept).
 
-    python benchmarks/bench_scaling.py [--quick] [--json out.json] [--device cuda]
+    python benchmarks/bench_scaling.py [--quick] [--json out.json] [--device cuda] [--chunk-size 64 --rebuild-graph]
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(name: str, probe_size: int, repeat: int, device_name: str, chunk_size: int | None = 256,
+def child(name: str, probe_size: int, repeat: int, device_name: str, chunk_size: int = 256,
           keep_graph: bool = True) -> dict:
     import torch
     from common import setup
