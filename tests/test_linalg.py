@@ -103,6 +103,29 @@ def test_basis_buffers_hold_rows_in_order_whether_preallocated_or_grown(grow):
     assert basis.staged == 0 and basis.stage().shape == (5,)
 
 
+def test_lanczos_gives_the_same_result_with_growing_buffers(monkeypatch):
+    """Growing buffers (the default off CPU) and preallocated ones (CPU) hold the same rows."""
+    from sgdbreak.estimators import linalg
+
+    ev = torch.tensor([5.0, 4.9, 4.0] + list(np.linspace(-1, 1, 57)), dtype=torch.float64)
+    A = symmetric_matrix_with_spectrum(ev, generator=gen(6))
+    init = torch.randn(3, 60, dtype=torch.float64, generator=gen(8))
+
+    def solve():  # a warm block, thick restarts (max_basis 8) and k = 2
+        return lanczos(op(A), 60, 2, tol=1e-9, max_matvecs=200, max_basis=8, init=init,
+                       dtype=torch.float64, generator=gen(2))
+
+    kept = init.clone()
+    preallocated = solve()
+    assert torch.equal(init, kept)  # the warm block is copied into the basis, never written
+    basis = linalg._Basis
+    monkeypatch.setattr(linalg, "_Basis", lambda *args, **kwargs: basis(*args, **{**kwargs, "grow": True}))
+    grown = solve()
+    assert preallocated.converged and grown.num_matvecs == preallocated.num_matvecs
+    assert torch.equal(grown.eigenvalues, preallocated.eigenvalues)
+    torch.testing.assert_close(grown.eigenvalues, ev[:2])
+
+
 def test_estimates_trace_the_convergence_of_the_top_ritz_value():
     ev = torch.tensor([5.0, 4.0] + list(np.linspace(-1, 1, 98)), dtype=torch.float64)
     A = symmetric_matrix_with_spectrum(ev, generator=gen(4))
